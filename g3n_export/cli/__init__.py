@@ -1,0 +1,1 @@
+"""Command-line interface: `g3n-export` and its subcommands."""

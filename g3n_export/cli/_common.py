@@ -1,0 +1,60 @@
+"""Options, console and error reporting shared by the commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from g3n_export.bundled import BUNDLED_MODEL
+
+# Results go to stdout; logs, progress and errors to stderr, so output can be piped.
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Gemma 3n checkpoint: a local Hugging Face folder or a Hub id. "
+                 "Defaults to the bundled model."),
+]
+DEFAULT_MODEL = str(BUNDLED_MODEL)
+
+
+def setup_logging(verbosity: int) -> None:
+    """Configure the root logger once, for the CLI only (library modules never configure logging)."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False, markup=False)],
+        force=True,
+    )
+    for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("G3N_DEBUG", "") not in ("", "0")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def existing_path(value: str, what: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        from g3n_export.errors import G3nError
+
+        raise G3nError(f"{what} {value!r} not found")
+    return path
