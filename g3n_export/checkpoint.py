@@ -394,6 +394,7 @@ def write_checkpoint(
     """
     out = Path(out)
     with atomic_output_dir(out, force=force) as tmp:
+        check_free_space(tmp, sum(s.nbytes for s in specs))
         shards = plan_shards(specs, max_shard_bytes)
         weight_map: dict[str, str] = {}
         on_bytes = progress or (lambda n: None)
@@ -409,6 +410,16 @@ def write_checkpoint(
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
     return out
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Raise OutputError when `folder`'s file system has less than `needed` bytes (plus 1% slack) free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.01:
+        raise OutputError(
+            f"not enough disk space in {folder.parent}: {needed / 1024**3:.2f} GiB needed, {free / 1024**3:.2f} GiB "
+            "free; free some space or choose another --out"
+        )
 
 
 class atomic_output_dir:

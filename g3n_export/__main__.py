@@ -1,0 +1,3 @@
+from g3n_export.cli.main import main
+
+main()
