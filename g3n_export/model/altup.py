@@ -1,0 +1,69 @@
+"""AltUp (alternating updates): the per-layer predict/correct steps over the A hidden-state streams.
+
+The streams are a Python list of A tensors `[B, T, d]`, and the coefficient mixing is written as explicit per-stream
+weighted sums (A² multiply-adds to predict, A to correct) rather than a permuted 4-D matmul. The router, the
+coefficients and the mixing run in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from g3n_export.model.norm import RMSNorm
+
+
+class AltUp(nn.Module):
+    """Per-layer AltUp parameters and the predict/correct steps.
+
+    Field names follow the checkpoint: `prediction_coefs` maps the A router outputs to the A×A prediction matrix
+    (row-major, entry `A*i + j` weights stream j in prediction i), `correction_coefs` to A correction weights.
+
+    The coefficients are not clipped at run time, because `weights.load_hf_weights` clips both to `altup_coef_clip`
+    once. transformers 5.25 clips them only in training, so the two differ only where a stored coefficient exceeds the
+    clip.
+    """
+
+    def __init__(self, hidden_size: int, num_streams: int, active_stream: int, eps: float) -> None:
+        super().__init__()
+        self.num_streams = num_streams
+        self.active_stream = active_stream
+        self.router_input_scale = 1.0 / hidden_size
+        self.correct_output_scale = nn.Parameter(torch.zeros(hidden_size))
+        self.correction_coefs = nn.Linear(num_streams, num_streams, bias=False)
+        self.prediction_coefs = nn.Linear(num_streams, num_streams * num_streams, bias=False)
+        self.modality_router = nn.Linear(hidden_size, num_streams, bias=False)
+        self.router_norm = RMSNorm(hidden_size, eps)
+
+    def router_modalities(self, x: torch.Tensor) -> torch.Tensor:
+        """Return `tanh(router(norm(x) / d))`, float32 `[B, T, A]`."""
+        routed = self.modality_router(self.router_norm(x) * self.router_input_scale)
+        return torch.tanh(routed.float())
+
+    def predict(self, streams: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Return the A predictions `pred_i = H_i + sum_j C[i, j] * H_j`, with C chosen per token by the router."""
+        dtype = streams[0].dtype
+        a = self.num_streams
+        modalities = self.router_modalities(streams[self.active_stream])
+        coefs = self.prediction_coefs(modalities.to(dtype)).float()  # shape: [B, T, A*A]
+
+        predictions = []
+        for i in range(a):
+            mixed = streams[i].float()
+            for j in range(a):
+                mixed = mixed + coefs[..., a * i + j : a * i + j + 1] * streams[j].float()
+            predictions.append(mixed.to(dtype))
+        return predictions
+
+    def correct(self, predictions: list[torch.Tensor], activated: torch.Tensor) -> list[torch.Tensor]:
+        """Return `pred_i + c_i * (activated - pred_active)`, with `c = correction_coefs(router(activated)) + 1`."""
+        dtype = activated.dtype
+        modalities = self.router_modalities(activated)
+        coefs = self.correction_coefs(modalities.to(dtype)).float() + 1.0  # shape: [B, T, A]
+        innovation = activated.float() - predictions[self.active_stream].float()  # shape: [B, T, d]
+        return [
+            (coefs[..., i : i + 1] * innovation + predictions[i].float()).to(dtype) for i in range(self.num_streams)
+        ]
+
+    def scale_output(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.correct_output_scale.float()).to(x.dtype)

@@ -1,0 +1,41 @@
+"""Gated GELU feed-forward with Gemma 3n's Gaussian top-k activation sparsity."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """`down(gelu_tanh(sparsify(gate(x))) * up(x))` with a per-layer FFN width.
+
+    Args:
+        hidden_size: model width.
+        intermediate_size: FFN width of this layer (MatFormer slices use different widths per layer).
+        sparsity_z: standard-normal quantile of the layer's target sparsity (1.6448536 for 0.95), or None for a dense
+            layer. It is a Python float so that no `erfinv` reaches a traced graph.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, sparsity_z: float | None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.sparsity_z = sparsity_z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)  # shape: [B, T, F]
+        if self.sparsity_z is not None:
+            gate = self._gaussian_top_k(gate)
+        hidden = nn.functional.gelu(gate, approximate="tanh") * self.up_proj(x)
+        return self.down_proj(hidden)
+
+    def _gaussian_top_k(self, gate: torch.Tensor) -> torch.Tensor:
+        # Keep the lanes above mean + z * std of each token, assuming the lanes are Gaussian. The statistics use the
+        # population std and run in float32, because a half-precision variance over 16k lanes can overflow.
+        # NOTE: z stays a float32 constant here, while transformers 5.25 rounds it to the activation dtype (1.6484375 in bfloat16).
+        gate32 = gate.float()
+        mean = gate32.mean(dim=-1, keepdim=True)
+        std = gate32.std(dim=-1, keepdim=True, unbiased=False)
+        cutoff = mean + std * self.sparsity_z
+        return nn.functional.relu(gate32 - cutoff).to(gate.dtype)
