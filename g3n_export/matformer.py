@@ -247,3 +247,29 @@ def effective_parameters(config: TextConfig) -> int:
             numel *= s
         total += numel
     return total
+
+
+class SlicedCheckpoint:
+    """Read-only view of a checkpoint's text decoder as a MatFormer submodel, sliced tensor by tensor on access.
+
+    It offers the text side of `Checkpoint` (`text_config`, `text_names`, `text_tensor`), so the decoder and the
+    float reference can load a submodel straight from the full checkpoint without writing a sliced copy first.
+    """
+
+    def __init__(self, checkpoint, plan: SlicePlan) -> None:
+        self.checkpoint = checkpoint
+        self.plan = plan
+        self.text_config = plan.target
+        self.path = checkpoint.path
+        self._source_name: dict[str, str] = {}
+        for name in checkpoint.text_names():
+            new = plan.target_name(name)
+            if new is not None:
+                self._source_name[new] = name
+
+    def text_names(self) -> list[str]:
+        return list(self._source_name)
+
+    def text_tensor(self, name: str) -> torch.Tensor:
+        source = self._source_name[name]
+        return self.plan.slice_tensor(source, self.checkpoint.text_tensor(source))
