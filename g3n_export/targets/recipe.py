@@ -40,7 +40,7 @@ class ExecuTorchSpec:
 class OnnxSpec:
     """ONNX graph settings (ONNX Runtime CPU, ORT format for ONNX Runtime Mobile)."""
 
-    linear: str = "int4"  # int4 = weight-only MatMulNBits; int8 = dynamic int8 MatMul
+    linear: str = "int4"  # weight-only MatMulNBits with 4 or 8 bits
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits compute type: 0 = unset (fp32), 4 = int8 activations
     embedding: str = "int8"
