@@ -37,6 +37,9 @@ def setup_logging(verbosity: int) -> None:
     )
     for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # torchao warns at import about GPU kernels that a CPU build never has; torch about its own enum registrations.
+    for chatty in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(chatty).setLevel(max(level, logging.ERROR))
 
 
 def debug_enabled() -> bool:

@@ -38,15 +38,17 @@ def export(
         missing = " and ".join(f"--{n}" for n, v in (("size", size), ("target", target)) if v is None)
         raise G3nError(f"missing {missing}; for example: g3n-export --size e2b --target android")
 
-    try:
-        from g3n_export.pipeline import ExportRequest, run_export
-    except ModuleNotFoundError as e:
-        if e.name != "g3n_export.pipeline":
-            raise
-        raise G3nError("the export pipeline is not available in this build yet") from None
+    from g3n_export.cli._summary import print_export_summary
+    from g3n_export.pipeline import ExportRequest, run_export
+
     request = ExportRequest(
         model=model, size=size, target=target, quant=quant, out=out, max_seq_len=max_seq_len,
         formats=formats, skip_validation=skip_validation, force=force, quiet=quiet,
     )
-    code = run_export(request)
-    raise typer.Exit(code)
+    result = run_export(request)
+    print_export_summary(result)
+    if result.passed is False:
+        raise G3nError(
+            "validation failed: " + "; ".join(result.report_failures[:5])
+            + f" (full report: {result.out / 'parity.md'})"
+        )
