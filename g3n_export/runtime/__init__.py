@@ -1,0 +1,1 @@
+"""Runners over exported artifacts: load a program, compute logits, generate greedily."""

@@ -1,0 +1,110 @@
+"""A small Python runner over an exported ExecuTorch program (`model.pte` + `ple.ptd`) through its Python bindings.
+
+It calls the program the way ExecuTorch's LLM runner does (`forward(tokens, input_pos)`, metadata methods), so the
+parity checks, `generate` and `bench` exercise the same contract as a device.
+
+Note: the Python bindings read the whole `.ptd` into memory when the program loads; memory-mapping is left to the
+C++ `Module` (and Android's `LlmModule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+METADATA_METHODS = (
+    "get_bos_id", "get_eos_ids", "get_max_seq_len", "get_max_context_len", "get_vocab_size", "get_n_layers",
+    "use_kv_cache", "enable_dynamic_shape",
+)
+
+
+def load_program_module(pte_path: str | Path, ptd_path: str | Path | None = None):
+    """Load a program with its optional data file through `executorch.extension.pybindings.portable_lib`.
+
+    The quantized embedding kernels (`quantized_decomposed::embedding_byte`, `embedding_4bit`) are registered first;
+    in a C++ runner they are linked in with ExecuTorch's quantized kernel library.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+    """
+    import executorch.kernels.quantized  # noqa: F401  (registers the quantized kernels with the runtime)
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    for path in (pte_path, ptd_path):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"ExecuTorch file {path} not found; export the model first")
+    return _load_for_executorch(str(pte_path), data_path=None if ptd_path is None else str(ptd_path))
+
+
+class ExecuTorchRunner:
+    """Run an exported Gemma 3n program: logits for a chunk of tokens, and greedy generation.
+
+    The program keeps its KV cache between `forward` calls; every sequence starts at `input_pos = 0`, which makes the
+    previous sequence invisible to attention (no reset is needed).
+
+    Args:
+        pte_path: the program (`model.pte`).
+        ptd_path: its data file (`ple.ptd`), or None for a program without external constants.
+    """
+
+    def __init__(self, pte_path: str | Path, ptd_path: str | Path | None = None) -> None:
+        self.module = load_program_module(pte_path, ptd_path)
+        self.metadata = {name: self._constant(name) for name in METADATA_METHODS}
+        self.max_seq_len = int(self.metadata["get_max_seq_len"])
+        self.vocab_size = int(self.metadata["get_vocab_size"])
+        self.bos_id = int(self.metadata["get_bos_id"])
+        eos = self.metadata["get_eos_ids"]
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def _constant(self, name: str):
+        outputs = self.module.run_method(name, ())
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def forward(self, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
+        """Return float32 logits `[1, T, V]` for int64 `tokens` `[1, T]` at positions `input_pos ..`.
+
+        Raises:
+            ValueError: the tokens do not fit the program's `max_seq_len`.
+        """
+        tokens = tokens.to(torch.int64).reshape(1, -1)
+        if input_pos < 0 or input_pos + tokens.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"positions {input_pos}..{input_pos + tokens.shape[1] - 1} do not fit max_seq_len {self.max_seq_len} "
+                "of the program; shorten the prompt or export with a larger max_seq_len"
+            )
+        (logits,) = self.module.forward((tokens, torch.tensor([input_pos], dtype=torch.int64)))
+        return logits
+
+    def logits(self, tokens: Sequence[int] | torch.Tensor, *, chunk_sizes: Sequence[int] | None = None) -> torch.Tensor:
+        """Return logits `[1, T, V]` of a whole sequence from position 0, in one call or in the given chunks."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
+        sizes = list(chunk_sizes) if chunk_sizes is not None else [tokens.shape[1]]
+        if sum(sizes) != tokens.shape[1]:
+            raise ValueError(f"chunk sizes {sizes} add up to {sum(sizes)}, but there are {tokens.shape[1]} tokens")
+        outputs, start = [], 0
+        for size in sizes:
+            outputs.append(self.forward(tokens[:, start:start + size], start))
+            start += size
+        return torch.cat(outputs, dim=1)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True) -> list[int]:
+        """Greedy continuation of `prompt` (ids, BOS included if wanted): prefill in one call, then one token a step.
+
+        Stops after `max_new_tokens`, at an end-of-sequence id (included in the output) when `stop_at_eos`, or when
+        the KV cache is full.
+        """
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token (usually BOS)")
+        logits = self.forward(torch.tensor([list(prompt)]), 0)
+        position = len(prompt)
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:
+            token = int(logits[0, -1].argmax())
+            generated.append(token)
+            if (stop_at_eos and token in self.eos_ids) or position >= self.max_seq_len:
+                break
+            logits = self.forward(torch.tensor([[token]]), position)
+            position += 1
+        return generated
