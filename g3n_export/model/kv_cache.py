@@ -112,8 +112,9 @@ class RingLayerCache(nn.Module):
         self.slots = torch.arange(self.ring_size)
 
     def _newest_position(self, last: torch.Tensor) -> torch.Tensor:
-        # Newest position <= last that maps to each slot, negative when no such position exists yet.
-        return last - torch.remainder(last - self.slots, self.ring_size)
+        # Newest position <= last that maps to each slot, negative when no such position exists yet. The dividend is
+        # kept non-negative (last >= -1) because ExecuTorch 1.5.1's portable remainder kernel truncates toward zero.
+        return last - torch.remainder(last - self.slots + self.ring_size, self.ring_size)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> KeyValues:
         n_new = keys.shape[2]
