@@ -75,8 +75,8 @@ def stage(name: str, timings: list[StageTiming]):
     started = time.perf_counter()
     try:
         yield
-    except G3nError:
-        raise
+    except G3nError as e:
+        raise type(e)(f"stage '{name}' failed: {e}") from None
     except Exception as e:
         raise StageError(f"stage '{name}' failed: {type(e).__name__}: {e} (set G3N_DEBUG=1 for the traceback)") from e
     seconds = time.perf_counter() - started
