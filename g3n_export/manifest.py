@@ -55,7 +55,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def model_facts(config: TextConfig, max_seq_len: int) -> dict[str, Any]:
-    """The runtime facts a consumer needs without reading the model config (see docs/artifacts.md)."""
+    """Return the runtime facts a consumer needs without reading the model config (see docs/artifacts.md)."""
     return {
         "vocab_size": config.vocab_size,
         "vocab_size_per_layer_input": config.vocab_size_per_layer_input,

@@ -1,8 +1,8 @@
 """Parity validation of exported artifacts against the float32 transformers reference.
 
-Each artifact runs on a real runtime (ExecuTorch with XNNPACK, ONNX Runtime CPU, ONNX Runtime on the ORT-format
-files) over a fixed prompt set: a short prompt, prompts of exactly one window, one past it and several windows long,
-the same prompt fed token by token, and greedy generation. Metrics come from `g3n_export.parity`; the target
+Each artifact runs on a real runtime: ExecuTorch with XNNPACK, ONNX Runtime CPU, or ONNX Runtime on the ORT-format
+files. The prompt set is fixed: a short prompt, prompts of exactly one window, one past it and several windows long.
+One prompt is also fed token by token, and one is continued by greedy generation. Metrics come from `g3n_export.parity`; the target
 recipe's bars for the artifact's precision decide pass or fail.
 """
 
@@ -30,7 +30,7 @@ GREEDY_STEPS = 16
 
 
 class ArtifactRunner(Protocol):
-    """What validation needs from a runtime: logits for a fresh sequence, fed at once or one token at a time."""
+    """Runtime interface of validation: logits for a fresh sequence, fed at once or one token at a time."""
 
     def prefill_logits(self, tokens: list[int]) -> torch.Tensor:
         """Float32 logits `[T, V]` of a new sequence processed in one call."""

@@ -116,7 +116,7 @@ def validate_export(folder: Path, *, source=None, manifest: dict | None = None, 
         source = source_from_manifest(manifest)
     runners, precision = artifact_runners(folder, manifest)
     if not runners:
-        raise G3nError(f"{folder} holds no ExecuTorch or ONNX artifacts to validate")
+        raise G3nError(f"{folder} contains no ExecuTorch or ONNX artifacts; its manifest lists none to validate")
 
     model = manifest["model"]
     tokenizer = folder / ("executorch" if (folder / "executorch").is_dir() else "onnx") / "tokenizer.json"

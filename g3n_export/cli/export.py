@@ -28,7 +28,12 @@ def export(
     quiet: Quiet = False,
 ) -> None:
     """Export a Gemma 3n submodel for a device target, then validate it against the float reference."""
-    setup_logging(-1 if quiet else (1 if verbose else 0))
+    verbosity = 0
+    if quiet:
+        verbosity = -1
+    elif verbose:
+        verbosity = 1
+    setup_logging(verbosity)
     if ctx.invoked_subcommand is not None:
         return
     if size is None or target is None:

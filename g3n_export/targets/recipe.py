@@ -101,8 +101,12 @@ class TargetRecipe:
 
 
 def _precision(*schemes: str) -> str:
-    bits = [4 if "4" in s else 8 if "8" in s else 32 for s in schemes]
-    return {4: "int4", 8: "int8", 32: "fp32"}[min(bits)]
+    # The lowest bit width used by any tensor group names the precision class (8da4w counts as 4 bits).
+    if any("4" in s for s in schemes):
+        return "int4"
+    if any("8" in s for s in schemes):
+        return "int8"
+    return "fp32"
 
 
 def load_target_recipe(name_or_path: str | Path) -> TargetRecipe:
