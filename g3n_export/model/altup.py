@@ -34,6 +34,30 @@ class AltUp(nn.Module):
         self.prediction_coefs = nn.Linear(num_streams, num_streams * num_streams, bias=False)
         self.modality_router = nn.Linear(hidden_size, num_streams, bias=False)
         self.router_norm = RMSNorm(hidden_size, eps)
+        # One-hot rows that pick single coefficients through `linear`: XNNPACK (ExecuTorch 1.5.1) does not delegate a
+        # slice of a tensor with a dynamic sequence length, and a slice in the middle of a layer splits its partition.
+        for k in range(num_streams * num_streams):
+            self.register_buffer(f"pick_prediction_{k}", self._one_hot(k, num_streams * num_streams), persistent=False)
+        for k in range(num_streams):
+            self.register_buffer(f"pick_correction_{k}", self._one_hot(k, num_streams), persistent=False)
+
+    @staticmethod
+    def _one_hot(index: int, size: int) -> torch.Tensor:
+        row = torch.zeros(1, size)
+        row[0, index] = 1.0
+        return row
+
+    def reset_buffers(self) -> None:
+        """Rebuild the one-hot rows (after the module was built on the meta device)."""
+        a = self.num_streams
+        for k in range(a * a):
+            setattr(self, f"pick_prediction_{k}", self._one_hot(k, a * a))
+        for k in range(a):
+            setattr(self, f"pick_correction_{k}", self._one_hot(k, a))
+
+    def _pick(self, coefs: torch.Tensor, name: str) -> torch.Tensor:
+        # `coefs` is float32 like the one-hot rows. Multiplying by exact zeros and one keeps finite coefficients exact.
+        return nn.functional.linear(coefs, getattr(self, name))
 
     def router_modalities(self, x: torch.Tensor) -> torch.Tensor:
         """Return `tanh(router(norm(x) / d))`, float32 `[B, T, A]`."""
@@ -51,7 +75,7 @@ class AltUp(nn.Module):
         for i in range(a):
             mixed = streams[i].float()
             for j in range(a):
-                mixed = mixed + coefs[..., a * i + j : a * i + j + 1] * streams[j].float()
+                mixed = mixed + self._pick(coefs, f"pick_prediction_{a * i + j}") * streams[j].float()
             predictions.append(mixed.to(dtype))
         return predictions
 
@@ -62,7 +86,8 @@ class AltUp(nn.Module):
         coefs = self.correction_coefs(modalities.to(dtype)).float() + 1.0  # shape: [B, T, A]
         innovation = activated.float() - predictions[self.active_stream].float()  # shape: [B, T, d]
         return [
-            (coefs[..., i : i + 1] * innovation + predictions[i].float()).to(dtype) for i in range(self.num_streams)
+            (self._pick(coefs, f"pick_correction_{i}") * innovation + predictions[i].float()).to(dtype)
+            for i in range(self.num_streams)
         ]
 
     def scale_output(self, x: torch.Tensor) -> torch.Tensor:

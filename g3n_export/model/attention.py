@@ -11,7 +11,7 @@ from torch import nn
 from g3n_export.config import TextConfig
 from g3n_export.model.kv_cache import KeyValues, KVStrategy, attention_mask
 from g3n_export.model.norm import RMSNorm
-from g3n_export.model.rope import apply_rotary
+from g3n_export.model.rope import apply_rotary, rotate_half_matrix
 
 
 class Attention(nn.Module):
@@ -41,6 +41,15 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, eps)
             self.v_norm = RMSNorm(self.head_dim, eps, with_scale=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        # Queries and keys get their own copy of the rotate_half matrix: XNNPACK's partitioner groups linears that
+        # share a weight, and the key path leaves the delegate (KV cache update) before it meets the queries again.
+        self.register_buffer("rotation_q", rotate_half_matrix(self.head_dim), persistent=False)
+        self.register_buffer("rotation_k", rotate_half_matrix(self.head_dim), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Rebuild the rotate_half matrices (after the module was built on the meta device)."""
+        self.rotation_q = rotate_half_matrix(self.head_dim)
+        self.rotation_k = rotate_half_matrix(self.head_dim)
 
     def forward(
         self,
@@ -67,7 +76,7 @@ class Attention(nn.Module):
 
         # Queries: project, norm per head, rotate.
         q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))
-        q = apply_rotary(q, cos, sin).transpose(1, 2)  # shape: [B, H, T, D]
+        q = apply_rotary(q, cos, sin, self.rotation_q).transpose(1, 2)  # shape: [B, H, T, D]
 
         # Keys and values: own projections (stored through the strategy) or the producer's.
         if self.is_kv_shared:
@@ -76,7 +85,7 @@ class Attention(nn.Module):
             key_values = shared
         else:
             k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
-            k = apply_rotary(k, cos, sin).transpose(1, 2)  # shape: [B, H_kv, T, D]
+            k = apply_rotary(k, cos, sin, self.rotation_k).transpose(1, 2)  # shape: [B, H_kv, T, D]
             v = self.v_norm(self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
             key_values = kv.update(self.layer, k, v, positions)
 
@@ -86,8 +95,9 @@ class Attention(nn.Module):
 
         # The score scale is 1.0 because q and k are RMS-normed. Mask and softmax run in float32.
         scores = torch.matmul(q, keys.transpose(2, 3)).float()  # shape: [B, H, T, S]
+        # An additive 0/-inf bias equals masked_fill, and the addition stays in the XNNPACK partition of the scores.
         visible = attention_mask(positions, key_values.positions, self.sliding_window)  # shape: [T, S]
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores + torch.where(visible, 0.0, float("-inf"))
         weights = torch.softmax(scores, dim=-1).to(q.dtype)
 
         out = torch.matmul(weights, values).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)

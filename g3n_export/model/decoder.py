@@ -103,7 +103,7 @@ class DecoderStack(nn.Module):
 
     def expand_streams(self, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Build the A AltUp streams: the embeddings, then projections of them rescaled to the embeddings' RMS."""
-        target = inputs_embeds.float().pow(2).mean(-1, keepdim=True) ** 0.5  # shape: [B, T, 1]
+        target = rms_magnitude(inputs_embeds)  # shape: [B, T, 1]
         streams = [inputs_embeds]
         for projection in self.altup_projections:
             projected = projection(inputs_embeds)
@@ -114,7 +114,7 @@ class DecoderStack(nn.Module):
     def merge_streams(self, streams: list[torch.Tensor]) -> torch.Tensor:
         """Unembed streams 1..A-1 (rescaled to the RMS of stream 0) and average all A streams."""
         first = streams[0]
-        target = first.float().pow(2).mean(-1, keepdim=True) ** 0.5
+        target = rms_magnitude(first)
         merged = [first.float()]
         for projection, stream in zip(self.altup_unembed_projections, streams[1:]):
             projected = projection(stream)
@@ -130,8 +130,10 @@ class DecoderStack(nn.Module):
         return torch.tanh(logits / cap) * cap
 
     def reset_buffers(self) -> None:
-        for module in self.rope.values():
-            module.reset_buffers()
+        """Recompute the RoPE tables and the norms' and MLPs' constant rows (after a meta-device build)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
 
 
 class Gemma3nDecoder(nn.Module):

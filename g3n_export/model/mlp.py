@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from g3n_export.model.norm import last_dim_mean
+
 
 class MLP(nn.Module):
     """`down(gelu_tanh(sparsify(gate(x))) * up(x))` with a per-layer FFN width.
@@ -22,6 +24,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.sparsity_z = sparsity_z
+        self.intermediate_size = intermediate_size
+        # Two copies of the all-ones row: XNNPACK's partitioner groups linears that share a weight, and grouping the
+        # mean with the variance that depends on it can form a dependency cycle.
+        self.register_buffer("ones_mean", torch.ones(1, intermediate_size), persistent=False)
+        self.register_buffer("ones_variance", torch.ones(1, intermediate_size), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Rebuild the all-ones rows (after the module was built on the meta device)."""
+        self.ones_mean = torch.ones(1, self.intermediate_size)
+        self.ones_variance = torch.ones(1, self.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x)  # shape: [B, T, F]
@@ -32,10 +44,12 @@ class MLP(nn.Module):
 
     def _gaussian_top_k(self, gate: torch.Tensor) -> torch.Tensor:
         # Keep the lanes above mean + z * std of each token, assuming the lanes are Gaussian. The statistics use the
-        # population std and run in float32, because a half-precision variance over 16k lanes can overflow.
+        # population std and run in float32, because a half-precision variance over 16k lanes can overflow. The std is
+        # written out as sqrt(mean((x - mean)²)), so that XNNPACK delegates it (see `last_dim_mean`).
         # NOTE: z stays a float32 constant here, while transformers 5.25 rounds it to the activation dtype (1.6484375 in bfloat16).
         gate32 = gate.float()
-        mean = gate32.mean(dim=-1, keepdim=True)
-        std = gate32.std(dim=-1, keepdim=True, unbiased=False)
+        mean = last_dim_mean(gate32, self.ones_mean)
+        centered = gate32 - mean
+        std = torch.sqrt(last_dim_mean(centered * centered, self.ones_variance))
         cutoff = mean + std * self.sparsity_z
         return nn.functional.relu(gate32 - cutoff).to(gate.dtype)

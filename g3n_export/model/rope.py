@@ -12,6 +12,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """Return the `[head_dim, head_dim]` signed permutation `R` with `linear(x, R) == rotate_half(x)`.
+
+    `apply_rotary` multiplies by it because XNNPACK (ExecuTorch 1.5.1) does not delegate slicing a tensor with a
+    dynamic sequence length. Each output sums one input lane and exact zeros, so the result equals `rotate_half`.
+    """
+    half = head_dim // 2
+    rotation = torch.zeros(head_dim, head_dim)
+    for k in range(half):
+        rotation[k, k + half] = -1.0
+        rotation[k + half, k] = 1.0
+    return rotation
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for integer positions, computed from `inv_freq = theta^(-2i/head_dim)`.
 
@@ -41,8 +55,10 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, T, heads, head_dim]` by the angles of its T positions."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, T, heads, head_dim]` by the angles of its T positions, given `rotate_half_matrix(head_dim)`."""
     cos = cos[None, :, None, :].to(x.dtype)
     sin = sin[None, :, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    # The float32 round trip is exact: the rotation only moves lanes and flips signs.
+    rotated = nn.functional.linear(x.float(), rotation).to(x.dtype)
+    return x * cos + rotated * sin

@@ -45,7 +45,6 @@ from g3n_export.layout import text_shapes
 from g3n_export.memory import peak_rss_bytes
 from g3n_export.model import Gemma3nDecoder, hf_name_map
 from g3n_export.model.embedding import rounded_per_dtype
-from g3n_export.model.kv_cache import RingLayerCache
 from g3n_export.quantize import TABLE_BITS, QuantizedTable, quantize_linear, quantize_table
 from g3n_export.targets.recipe import ExecuTorchSpec
 
@@ -114,26 +113,6 @@ class QuantizedPerLayerEmbedding(nn.Module):
         rows = torch.where(in_table, tokens, torch.zeros_like(tokens))
         gathered = _gather(self.qvals, self.scales, self.bits, rows) * self._scale  # shape: [B, T, L * P]
         return gathered.reshape(*tokens.shape, self.num_layers, self.hidden_size_per_layer_input)
-
-
-class _NonNegativeRemainderRingCache(RingLayerCache):
-    """`RingLayerCache` whose slot arithmetic only takes remainders of non-negative numbers.
-
-    ExecuTorch 1.5.1's portable `remainder` kernel truncates toward zero for negative int64 dividends
-    (`remainder(-1, 4)` gives -1, where PyTorch gives 3), which makes empty ring slots look filled and indexes past
-    the ring. `last - slot >= -ring_size` is always true (`last >= -1`), so adding `ring_size` keeps the dividend
-    non-negative and gives the same result under either convention.
-    """
-
-    def _newest_position(self, last: torch.Tensor) -> torch.Tensor:
-        return last - torch.remainder(last - self.slots + self.ring_size, self.ring_size)
-
-
-def use_runtime_safe_ring_caches(model: Gemma3nDecoder) -> None:
-    """Switch every sliding-window ring cache of `model` to `_NonNegativeRemainderRingCache` (same buffers)."""
-    for cache in model.kv_cache.layers:
-        if type(cache) is RingLayerCache:
-            cache.__class__ = _NonNegativeRemainderRingCache
 
 
 # Loading and quantizing ---------------------------------------------------------------------------------------------
@@ -229,7 +208,6 @@ def build_decoder(
             progress("load", done, len(mapping))
 
     model.reset_buffers()
-    use_runtime_safe_ring_caches(model)
     unfilled = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if unfilled:
         raise CheckpointError(f"no checkpoint tensor was loaded into {unfilled[:5]}; the name table is incomplete")
