@@ -211,3 +211,14 @@ def _check_text_llm_runner(tokenizer_path: Path, result) -> None:
 
 def test_text_llm_runner_float(tiny4, float_export):
     _check_text_llm_runner(tiny4[0].path / "tokenizer.json", float_export)
+
+
+def test_ple_table_lives_in_ptd(tiny4, float_export):
+    config = tiny4[0].text_config
+    table_bytes = config.vocab_size_per_layer_input * config.ple_width * 4  # float32 program
+    assert float_export.ple_bytes == table_bytes
+    # The data file is the table plus a small header; the program holds everything else but not the table.
+    assert table_bytes <= float_export.ptd_bytes < table_bytes + 4096
+    table = tiny4[0].text_tensor("embed_tokens_per_layer.weight").float().numpy().tobytes()
+    assert table[:4096] not in float_export.pte_path.read_bytes()
+    assert table[:4096] in float_export.ptd_path.read_bytes()
