@@ -117,6 +117,9 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
         G3nError: bad input, or a stage failed (named in the message). No output folder is left behind.
     """
     timings: list[StageTiming] = []
+    out = Path(request.out) if request.out else default_out(request.model, request.size, request.target)
+    if out.exists() and not request.force:
+        raise G3nError(f"{out} already exists; choose another --out or pass --force to replace it")
     with stage("load", timings):
         checkpoint = open_checkpoint(request.model)
         size = load_size_recipe(request.size)
@@ -127,11 +130,15 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
         if max_seq_len < 8:
             raise G3nError(f"invalid --max-seq-len {max_seq_len}; use at least 8 tokens")
     config = source.text_config
-    out = Path(request.out) if request.out else default_out(request.model, request.size, request.target)
+    specs = []
+    if "pte" in target.formats:
+        specs.append(f"ExecuTorch {target.executorch}")
+    if "onnx" in target.formats:
+        specs.append(f"ONNX {target.onnx}")
     log.info(
-        "model %s, size %s (%d layers, %.3fB effective), target %s: formats %s, ExecuTorch %s, ONNX %s, max_seq_len %d",
-        checkpoint.path, size.name, config.num_hidden_layers, effective_parameters(config) / 1e9, target.name,
-        ",".join(target.formats), target.executorch, target.onnx, max_seq_len,
+        "model %s, size %s (%d layers, %s effective parameters), target %s: formats %s, max_seq_len %d; %s",
+        checkpoint.path, size.name, config.num_hidden_layers, f"{effective_parameters(config):,}", target.name,
+        ",".join(target.formats), max_seq_len, "; ".join(specs),
     )
 
     with atomic_output_dir(out, force=request.force) as tmp:

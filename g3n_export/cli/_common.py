@@ -28,13 +28,16 @@ DEFAULT_MODEL = str(BUNDLED_MODEL)
 def setup_logging(verbosity: int) -> None:
     """Configure the root logger once, for the CLI only (library modules never configure logging)."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    # Third-party libraries log at INFO freely (ONNX Runtime's quantizer writes a line per skipped node), so only this
+    # package's loggers get the chosen level; everything else shows warnings and errors, or everything with -v.
     logging.basicConfig(
-        level=level,
+        level=level if verbosity > 0 else logging.WARNING,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False, markup=False)],
         force=True,
     )
+    logging.getLogger("g3n_export").setLevel(level)
     for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # torchao warns at import about GPU kernels that a CPU build never has; torch about its own enum registrations.

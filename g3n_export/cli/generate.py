@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -22,7 +22,7 @@ CHAT_TURN = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
 def generate_command(
     folder: Annotated[Path, typer.Argument(help="Export folder written by g3n-export.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    runtime: Annotated[str, typer.Option("--runtime", "-r", help="executorch or onnxruntime (ORT-format files when present).")] = "executorch",
+    runtime: Annotated[Optional[str], typer.Option("--runtime", "-r", help="executorch or onnxruntime (ORT-format files when present). Default: executorch when the folder has it, else onnxruntime.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Maximum tokens to generate.")] = 64,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat turn format.")] = False,
 ) -> None:
@@ -30,6 +30,8 @@ def generate_command(
     from tokenizers import Tokenizer
 
     manifest = read_manifest(folder)
+    if runtime is None:
+        runtime = "executorch" if "executorch" in manifest.get("artifacts", {}) else "onnxruntime"
     if runtime not in RUNTIMES:
         raise G3nError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     part = "executorch" if runtime == "executorch" else "onnx"
