@@ -43,7 +43,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a stored tensor lives and what it is, read from a safetensors header."""
+    """File, dtype and shape of a stored tensor, read from a safetensors header."""
 
     name: str
     file: Path
@@ -66,7 +66,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header and check that its data is complete.
 
     Raises:
-        CheckpointError: the file is not safetensors, is corrupt, or is shorter than its header says.
+        CheckpointError: the file is not safetensors, is corrupt, or is shorter than its header declares.
     """
     size = path.stat().st_size
     try:

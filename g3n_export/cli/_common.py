@@ -28,8 +28,8 @@ DEFAULT_MODEL = str(BUNDLED_MODEL)
 def setup_logging(verbosity: int) -> None:
     """Configure the root logger once, for the CLI only (library modules never configure logging)."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    # Third-party libraries log at INFO freely (ONNX Runtime's quantizer writes a line per skipped node), so only this
-    # package's loggers get the chosen level; everything else shows warnings and errors, or everything with -v.
+    # Third-party libraries log freely at INFO (ONNX Runtime's quantizer writes a line per skipped node). So only this
+    # package's loggers get the chosen level, and other loggers show warnings and errors unless -v is given.
     logging.basicConfig(
         level=level if verbosity > 0 else logging.WARNING,
         format="%(message)s",
