@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from g3n_export.model.casts import to_dtype, to_float32
 from g3n_export.model.norm import RMSNorm
 
 
@@ -62,33 +63,33 @@ class AltUp(nn.Module):
     def router_modalities(self, x: torch.Tensor) -> torch.Tensor:
         """Return `tanh(router(norm(x) / d))`, float32 `[B, T, A]`."""
         routed = self.modality_router(self.router_norm(x) * self.router_input_scale)
-        return torch.tanh(routed.float())
+        return torch.tanh(to_float32(routed))
 
     def predict(self, streams: list[torch.Tensor]) -> list[torch.Tensor]:
         """Return the A predictions `pred_i = H_i + sum_j C[i, j] * H_j`, with C chosen per token by the router."""
         dtype = streams[0].dtype
         a = self.num_streams
         modalities = self.router_modalities(streams[self.active_stream])
-        coefs = self.prediction_coefs(modalities.to(dtype)).float()  # shape: [B, T, A*A]
+        coefs = to_float32(self.prediction_coefs(to_dtype(modalities, dtype)))  # shape: [B, T, A*A]
 
         predictions = []
         for i in range(a):
-            mixed = streams[i].float()
+            mixed = to_float32(streams[i])
             for j in range(a):
-                mixed = mixed + self._pick(coefs, f"pick_prediction_{a * i + j}") * streams[j].float()
-            predictions.append(mixed.to(dtype))
+                mixed = mixed + self._pick(coefs, f"pick_prediction_{a * i + j}") * to_float32(streams[j])
+            predictions.append(to_dtype(mixed, dtype))
         return predictions
 
     def correct(self, predictions: list[torch.Tensor], activated: torch.Tensor) -> list[torch.Tensor]:
         """Return `pred_i + c_i * (activated - pred_active)`, with `c = correction_coefs(router(activated)) + 1`."""
         dtype = activated.dtype
         modalities = self.router_modalities(activated)
-        coefs = self.correction_coefs(modalities.to(dtype)).float() + 1.0  # shape: [B, T, A]
-        innovation = activated.float() - predictions[self.active_stream].float()  # shape: [B, T, d]
+        coefs = to_float32(self.correction_coefs(to_dtype(modalities, dtype))) + 1.0  # shape: [B, T, A]
+        innovation = to_float32(activated) - to_float32(predictions[self.active_stream])  # shape: [B, T, d]
         return [
-            (self._pick(coefs, f"pick_correction_{i}") * innovation + predictions[i].float()).to(dtype)
+            to_dtype(self._pick(coefs, f"pick_correction_{i}") * innovation + to_float32(predictions[i]), dtype)
             for i in range(self.num_streams)
         ]
 
     def scale_output(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.correct_output_scale.float()).to(x.dtype)
+        return to_dtype(to_float32(x) * to_float32(self.correct_output_scale), x.dtype)

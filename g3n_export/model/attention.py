@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from g3n_export.config import TextConfig
+from g3n_export.model.casts import to_dtype, to_float32
 from g3n_export.model.kv_cache import KeyValues, KVStrategy, attention_mask
 from g3n_export.model.norm import RMSNorm
 from g3n_export.model.rope import apply_rotary, rotate_half_matrix
@@ -94,11 +95,11 @@ class Attention(nn.Module):
         values = self._repeat_kv(key_values.values)
 
         # The score scale is 1.0 because q and k are RMS-normed. Mask and softmax run in float32.
-        scores = torch.matmul(q, keys.transpose(2, 3)).float()  # shape: [B, H, T, S]
+        scores = to_float32(torch.matmul(q, keys.transpose(2, 3)))  # shape: [B, H, T, S]
         # An additive 0/-inf bias equals masked_fill, and the addition stays in the XNNPACK partition of the scores.
         visible = attention_mask(positions, key_values.positions, self.sliding_window)  # shape: [T, S]
         scores = scores + torch.where(visible, 0.0, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).to(q.dtype)
+        weights = to_dtype(torch.softmax(scores, dim=-1), q.dtype)
 
         out = torch.matmul(weights, values).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), key_values

@@ -12,12 +12,11 @@ V vocab_size.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from g3n_export.config import TextConfig
+from g3n_export.model.casts import to_dtype, to_float32
 from g3n_export.model.embedding import Embedder, rounded_per_dtype
 from g3n_export.model.kv_cache import FunctionalKV, KeyValues, KVStrategy, StaticKVCache
 from g3n_export.model.layer import DecoderLayer
@@ -107,24 +106,24 @@ class DecoderStack(nn.Module):
         streams = [inputs_embeds]
         for projection in self.altup_projections:
             projected = projection(inputs_embeds)
-            rescaled = projected.float() * target / rms_magnitude(projected, min_mean_square=_MIN_MEAN_SQUARE)
-            streams.append(rescaled.to(inputs_embeds.dtype))
+            rescaled = to_float32(projected) * target / rms_magnitude(projected, min_mean_square=_MIN_MEAN_SQUARE)
+            streams.append(to_dtype(rescaled, inputs_embeds.dtype))
         return streams
 
     def merge_streams(self, streams: list[torch.Tensor]) -> torch.Tensor:
         """Unembed streams 1..A-1 (rescaled to the RMS of stream 0) and average all A streams."""
         first = streams[0]
         target = rms_magnitude(first)
-        merged = [first.float()]
+        merged = [to_float32(first)]
         for projection, stream in zip(self.altup_unembed_projections, streams[1:]):
             projected = projection(stream)
-            merged.append(projected.float() * target / rms_magnitude(projected, min_mean_square=_MIN_MEAN_SQUARE))
-        return torch.stack(merged).mean(dim=0).to(first.dtype)
+            merged.append(to_float32(projected) * target / rms_magnitude(projected, min_mean_square=_MIN_MEAN_SQUARE))
+        return to_dtype(torch.stack(merged).mean(dim=0), first.dtype)
 
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply `cap * tanh(logits / cap)` in float32, or only cast to float32 when the config has no cap."""
         cap = self.config.final_logit_softcapping
-        logits = logits.float()
+        logits = to_float32(logits)
         if cap is None:
             return logits
         return torch.tanh(logits / cap) * cap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from g3n_export.model.casts import to_dtype, to_float32
 from g3n_export.model.norm import last_dim_mean
 
 
@@ -47,9 +48,9 @@ class MLP(nn.Module):
         # population std and run in float32, because a half-precision variance over 16k lanes can overflow. The std is
         # written out as sqrt(mean((x - mean)²)), so that XNNPACK delegates it (see `last_dim_mean`).
         # NOTE: z stays a float32 constant here, while transformers 5.25 rounds it to the activation dtype (1.6484375 in bfloat16).
-        gate32 = gate.float()
+        gate32 = to_float32(gate)
         mean = last_dim_mean(gate32, self.ones_mean)
         centered = gate32 - mean
         std = torch.sqrt(last_dim_mean(centered * centered, self.ones_variance))
         cutoff = mean + std * self.sparsity_z
-        return nn.functional.relu(gate32 - cutoff).to(gate.dtype)
+        return to_dtype(nn.functional.relu(gate32 - cutoff), gate.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from g3n_export.model.casts import to_dtype, to_float32
+
 
 def last_dim_mean(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
     """Return the mean over the last dimension of float32 `x`, keeping it, given float32 `ones` `[1, x.shape[-1]]`.
@@ -18,8 +20,9 @@ def last_dim_mean(x: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x²) + eps) * weight` over the last dimension, reduced in float32 and cast back.
 
-    `rsqrt` and the all-ones linear (see `last_dim_mean`) keep the norm inside one XNNPACK partition. They differ from
-    transformers' `pow(mean(x²) + eps, -0.5)` by float32 rounding only.
+    `rsqrt` and a linear against a constant row of `1/dim` (see `last_dim_mean`) keep the norm inside one XNNPACK
+    partition. They differ from transformers' `pow(mean(x²) + eps, -0.5)` by float32 rounding only, and for the
+    power-of-two widths of Gemma 3n (head, hidden and PLE widths) multiplying by `1/dim` is exact.
 
     Args:
         dim: size of the normalized (last) dimension.
@@ -32,19 +35,23 @@ class RMSNorm(nn.Module):
         self.dim = dim
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-        self.register_buffer("ones", torch.ones(1, dim), persistent=False)
+        self.register_buffer("averaging_row", self._averaging_row(), persistent=False)
+
+    def _averaging_row(self) -> torch.Tensor:
+        return torch.full((1, self.dim), 1.0 / self.dim)
 
     def reset_buffers(self) -> None:
-        """Rebuild the all-ones row (after the module was built on the meta device)."""
-        self.ones = torch.ones(1, self.dim)
+        """Rebuild the averaging row (after the module was built on the meta device)."""
+        self.averaging_row = self._averaging_row()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 island: x² overflows float16 for |x| > 256.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(last_dim_mean(x32 * x32, self.ones) + self.eps)
+        x32 = to_float32(x)
+        # One linear computes the mean: a separate division would be one more node in every norm of the graph.
+        normed = x32 * torch.rsqrt(nn.functional.linear(x32 * x32, self.averaging_row) + self.eps)
         if self.weight is not None:
-            normed = normed * self.weight.float()
-        return normed.type_as(x)
+            normed = normed * to_float32(self.weight)
+        return to_dtype(normed, x.dtype)
 
 
 def rms_magnitude(x: torch.Tensor, *, min_mean_square: float | None = None) -> torch.Tensor:
@@ -54,7 +61,7 @@ def rms_magnitude(x: torch.Tensor, *, min_mean_square: float | None = None) -> t
         x: any tensor.
         min_mean_square: lower clamp of the mean square before the square root, to avoid dividing by zero.
     """
-    mean_square = x.float().pow(2).mean(-1, keepdim=True)
+    mean_square = to_float32(x).pow(2).mean(-1, keepdim=True)
     if min_mean_square is not None:
         mean_square = mean_square.clamp(min=min_mean_square)
     return torch.sqrt(mean_square)

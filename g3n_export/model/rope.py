@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from g3n_export.model.casts import to_dtype, to_float32
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Map the halves (x1, x2) of the last dimension to (-x2, x1)."""
@@ -57,8 +59,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, T, heads, head_dim]` by the angles of its T positions, given `rotate_half_matrix(head_dim)`."""
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
+    cos = to_dtype(cos[None, :, None, :], x.dtype)
+    sin = to_dtype(sin[None, :, None, :], x.dtype)
     # The float32 round trip is exact: the rotation only moves lanes and flips signs.
-    rotated = nn.functional.linear(x.float(), rotation).to(x.dtype)
+    rotated = to_dtype(nn.functional.linear(to_float32(x), rotation), x.dtype)
     return x * cos + rotated * sin
