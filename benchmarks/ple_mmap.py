@@ -46,16 +46,13 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     """Export `model.pte` (+ `ple.ptd` unless `inline`) with the android recipe's ExecuTorch quantization."""
     if (out / "model.pte").is_file():
         return
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
-        XnnpackPartitioner,
-    )
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     from g3n_export.checkpoint import open_checkpoint
     from g3n_export.targets.executorch import build_decoder, export_executorch, export_program, runner_metadata
     from g3n_export.targets.recipe import load_target_recipe
+    from g3n_export.targets.xnnpack_partition import xnnpack_partitioners
 
     source = open_checkpoint(str(checkpoint))
     spec = load_target_recipe("android").executorch
@@ -70,7 +67,7 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     model, _ = build_decoder(source, spec, max_seq_len)
     edge = to_edge_transform_and_lower(
         export_program(model, max_seq_len),
-        partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
+        partitioner=xnnpack_partitioners(quantized=True),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=runner_metadata(config, max_seq_len, bos_id=config.bos_token_id, eos_ids=eos_ids),
     )

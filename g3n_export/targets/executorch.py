@@ -47,6 +47,7 @@ from g3n_export.model import Gemma3nDecoder, hf_name_map
 from g3n_export.model.embedding import rounded_per_dtype
 from g3n_export.quantize import TABLE_BITS, QuantizedTable, quantize_linear, quantize_table
 from g3n_export.targets.recipe import ExecuTorchSpec
+from g3n_export.targets.xnnpack_partition import xnnpack_partitioners
 
 log = logging.getLogger(__name__)
 
@@ -384,10 +385,6 @@ def export_executorch(
         ValueError: invalid spec or max_seq_len.
         RuntimeError: the PLE table did not end up in the data file.
     """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
-        XnnpackPartitioner,
-    )
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
@@ -415,12 +412,9 @@ def export_executorch(
     del model
     finish("export")
 
-    partitioners = [XnnpackPartitioner()]
-    if spec.linear != "fp32" or spec.embedding != "fp32":
-        partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner())
     edge = to_edge_transform_and_lower(
         program,
-        partitioner=partitioners,
+        partitioner=xnnpack_partitioners(quantized=spec.linear != "fp32" or spec.embedding != "fp32"),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=runner_metadata(config, max_seq_len, bos_id=bos_id, eos_ids=eos_ids),
     )
