@@ -1,9 +1,9 @@
-"""Google's Gemma 3n slicing table, scaled to any source FFN width.
+"""The rows of Google's Gemma 3n slicing table that training uses, read from the shipped size recipes.
 
 Google publishes 16 Mix-n-Match configurations for E4B (the `google/gemma3n-slicing-configs` dataset, `configs.csv`).
-Every FFN width in it is either 8 x 2048 = 16384 (E4B's full width) or 4 x 2048 = 8192 (half), and the only skipped
-layers are 20-24. The table is stored here as one digit per kept layer (8 = full, 4 = half), so a row scales to a
-model of another width: full width x digit / 8.
+Each one is a shipped size recipe under `recipes/sizes/`, whose `published.csv_row` names its row in that table. The
+recipes store FFN widths as fractions of the source's widths (0.5 or 1.0), so they scale to the bundled model's
+widths as they do to E4B's.
 """
 
 from __future__ import annotations
@@ -12,30 +12,11 @@ from dataclasses import dataclass
 
 from g3n_export.config import TextConfig
 from g3n_export.matformer import SlicePlan, make_plan
+from g3n_export.recipes import list_size_recipes
 
-E2B_SKIP = (20, 21, 22, 23, 24)
 FULL_NAME = "Main model"
 E2B_NAME = "Config for official E2B Model"
-
-# (name as in configs.csv, layers skipped, FFN width per kept layer in units of full width / 8)
-SLICING_TABLE: tuple[tuple[str, tuple[int, ...], str], ...] = (
-    (FULL_NAME, (), "88888888888888888888888888888888888"),
-    (E2B_NAME, E2B_SKIP, "444444444444444444444444444444"),
-    ("Config for E1.96B (layer-level)", E2B_SKIP, "444484444444444444444444444444"),
-    ("Config for E2.54B (layer-level)", (), "44448444444444444444888884444444444"),
-    ("Config for E2.69B (layer-level)", (), "44448444484444844448888884444444444"),
-    ("Config for E2.98B (layer-level)", (), "44444444444444488888888884444488888"),
-    ("Config for E3.18B (layer-level)", (), "44448444488888888888888884444844448"),
-    ("Config for E3.39B (layer-level)", (), "44448444488888888888888888888844448"),
-    ("Config for E3.59B (layer-level)", (), "44448888888888888888888888888844448"),
-    ("Config for E3.79B (layer-level)", (), "44448888888888888888888888888888888"),
-    ("Config for E2.49B (block-level)", (), "44444444444444444444888884444444444"),
-    ("Config for E2.73B (block-level)", (), "44444444444444488888888884444444444"),
-    ("Config for E2.98B (block-level)", (), "44444444448888888888888884444444444"),
-    ("Config for E3.24B (block-level)", (), "44444444448888888888888888888844444"),
-    ("Config for E3.49B (block-level)", (), "44444888888888888888888888888844444"),
-    ("Config for E3.79B (block-level)", (), "44444888888888888888888888888888888"),
-)
+TABLE_ROW_COUNT = 16
 
 
 @dataclass(frozen=True)
@@ -51,21 +32,23 @@ class Recipe:
 
 
 def scaled_recipes(source: TextConfig) -> dict[str, Recipe]:
-    """Return every row of the table, keyed by its name, with widths scaled to `source`'s per-layer FFN widths.
+    """Return every row of the table, keyed by its `configs.csv` name, with widths scaled to `source`.
 
     Raises:
-        ValueError: `source` has a layer count other than E4B's 35, or a width that is not divisible by 8.
+        RecipeError: a shipped recipe does not fit `source` (for example, a layer count other than E4B's 35).
+        RuntimeError: the shipped recipes do not cover the 16 rows of the table once each.
     """
-    if source.num_hidden_layers != 35:
-        raise ValueError(f"the slicing table is for 35-layer models, got {source.num_hidden_layers} layers")
-    recipes = {}
-    for name, skip, digits in SLICING_TABLE:
-        kept = [i for i in range(35) if i not in skip]
-        widths = []
-        for layer, digit in zip(kept, digits):
-            full = source.intermediate_size[layer]
-            if full % 8:
-                raise ValueError(f"FFN width {full} of layer {layer} is not divisible by 8, so the table cannot scale")
-            widths.append(full * int(digit) // 8)
-        recipes[name] = Recipe(name, skip, tuple(widths))
+    recipes: dict[str, Recipe] = {}
+    for size in list_size_recipes():
+        row = size.published.csv_row
+        if row is None:
+            continue
+        if row in recipes:
+            raise RuntimeError(f"two shipped size recipes name the table row {row!r}; keep one of them")
+        recipes[row] = Recipe(row, size.layers_to_skip, tuple(size.ffn_widths(source)))
+    if len(recipes) != TABLE_ROW_COUNT or FULL_NAME not in recipes or E2B_NAME not in recipes:
+        raise RuntimeError(
+            f"the shipped size recipes cover {len(recipes)} rows of the slicing table, expected all {TABLE_ROW_COUNT} "
+            f"including {FULL_NAME!r} and {E2B_NAME!r}; reinstall g3n-export"
+        )
     return recipes
