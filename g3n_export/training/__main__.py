@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,11 +24,13 @@ def main(argv: list[str] | None = None) -> None:
         for f in fields(group):
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                                 help=f"{group.__name__}.{f.name} (default: %(default)s)")
+    if argv is None:
+        argv = sys.argv[1:]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     dims = Dims(**{f.name: getattr(args, f.name) for f in fields(Dims)})
-    run(args.out, dims, settings, force=args.force)
+    run(args.out, dims, settings, force=args.force, command=["python", "-m", "g3n_export.training", *argv])
 
 
 if __name__ == "__main__":

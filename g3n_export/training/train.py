@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -133,8 +132,12 @@ def generation_prompt(paragraphs: list[str] | tuple[str, ...]) -> str:
     raise ValueError("no held-out paragraph is long enough for a generation prompt")
 
 
-def run(out_dir: Path, dims: Dims, s: TrainSettings, *, force: bool = False) -> dict[str, Any]:
-    """Train the bundled model and write it, with tokenizer, held-out text and training log, to `out_dir`."""
+def run(out_dir: Path, dims: Dims, s: TrainSettings, *, force: bool = False,
+        command: list[str] | None = None) -> dict[str, Any]:
+    """Train the bundled model and write it, with tokenizer, held-out text and training log, to `out_dir`.
+
+    `command` is recorded in the log as the command line that started the run (null when called from Python).
+    """
     started = time.monotonic()
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
@@ -217,7 +220,7 @@ def run(out_dir: Path, dims: Dims, s: TrainSettings, *, force: bool = False) -> 
     log.info("generation: %r -> %r; max |logit| difference with and without KV cache: %.2e", prompt, sample, kv_diff)
 
     record = {
-        "command": [Path(sys.executable).name, *sys.argv],
+        "command": command,
         "settings": asdict(s),
         "dims": asdict(dims),
         "torch_version": torch.__version__,
