@@ -7,6 +7,8 @@ coefficients and the mixing run in float32.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -60,9 +62,21 @@ class AltUp(nn.Module):
         # `coefs` is float32 like the one-hot rows. Multiplying by exact zeros and one keeps finite coefficients exact.
         return nn.functional.linear(coefs, getattr(self, name))
 
-    def router_modalities(self, x: torch.Tensor) -> torch.Tensor:
-        """Return `tanh(router(norm(x) / d))`, float32 `[B, T, A]`."""
-        routed = self.modality_router(self.router_norm(x) * self.router_input_scale)
+    def untie_correction_router(self) -> None:
+        """Give the correct step its own copy of the router norm and linear (same values).
+
+        XNNPACK (ExecuTorch 1.5.1) delegates a linear whole only when no other linear reads its weight, and the
+        predict and correct steps both route. The ExecuTorch target calls this, and eager results do not change.
+        """
+        self.correction_router_norm = copy.deepcopy(self.router_norm)
+        self.correction_modality_router = copy.deepcopy(self.modality_router)
+
+    def router_modalities(self, x: torch.Tensor, *, correction: bool = False) -> torch.Tensor:
+        """Return `tanh(router(norm(x) / d))`, float32 `[B, T, A]` (with the correct step's copy for `correction`)."""
+        norm, router = self.router_norm, self.modality_router
+        if correction and hasattr(self, "correction_modality_router"):
+            norm, router = self.correction_router_norm, self.correction_modality_router
+        routed = router(norm(x) * self.router_input_scale)
         return torch.tanh(to_float32(routed))
 
     def predict(self, streams: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -83,7 +97,7 @@ class AltUp(nn.Module):
     def correct(self, predictions: list[torch.Tensor], activated: torch.Tensor) -> list[torch.Tensor]:
         """Return `pred_i + c_i * (activated - pred_active)`, with `c = correction_coefs(router(activated)) + 1`."""
         dtype = activated.dtype
-        modalities = self.router_modalities(activated)
+        modalities = self.router_modalities(activated, correction=True)
         coefs = to_float32(self.correction_coefs(to_dtype(modalities, dtype))) + 1.0  # shape: [B, T, A]
         innovation = to_float32(activated) - to_float32(predictions[self.active_stream])  # shape: [B, T, d]
         return [

@@ -72,11 +72,13 @@ class Attention(nn.Module):
         Returns:
             The output `[B, T, d]` and the `KeyValues` attended to (for the layers that share this layer's K/V).
         """
-        b, t, _ = x.shape
+        b = x.shape[0]
         cos, sin = rope
 
+        # Reshapes infer the sequence length (-1): XNNPACK (ExecuTorch 1.5.1) delegates a reshape whose sizes are
+        # constants and at most one -1, but not one with a symbolic size, which would split the layer's partition.
         # Queries: project, norm per head, rotate.
-        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim))
+        q = self.q_norm(self.q_proj(x).view(b, -1, self.num_heads, self.head_dim))
         q = apply_rotary(q, cos, sin, self.rotation_q).transpose(1, 2)  # shape: [B, H, T, D]
 
         # Keys and values: own projections (stored through the strategy) or the producer's.
@@ -85,28 +87,28 @@ class Attention(nn.Module):
                 raise ValueError(f"layer {self.layer} shares K/V but its producer's keys and values were not passed")
             key_values = shared
         else:
-            k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim))
+            k = self.k_norm(self.k_proj(x).view(b, -1, self.num_kv_heads, self.head_dim))
             k = apply_rotary(k, cos, sin, self.rotation_k).transpose(1, 2)  # shape: [B, H_kv, T, D]
-            v = self.v_norm(self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+            v = self.v_norm(self.v_proj(x).view(b, -1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
             key_values = kv.update(self.layer, k, v, positions)
 
-        # Grouped-query attention: query head h reads key/value head h // (H / H_kv).
-        keys = self._repeat_kv(key_values.keys)  # shape: [B, H, S, D]
-        values = self._repeat_kv(key_values.values)
+        # Grouped-query attention as 3-D batched matmuls over the B * H_kv key/value heads: the G = H / H_kv query
+        # heads that read one key/value head are stacked along the rows, so query head h reads key/value head h // G
+        # without copying keys and values G times. A transposed tensor is made contiguous before its reshape, because
+        # the reshape of a strided tensor is exported with the symbolic sizes in place of the -1.
+        groups = self.num_heads // self.num_kv_heads
+        kv_heads = b * self.num_kv_heads
+        q_rows = q.contiguous().view(kv_heads, -1, self.head_dim)  # shape: [B * H_kv, G * T, D]
+        keys = key_values.keys.reshape(kv_heads, -1, self.head_dim)  # shape: [B * H_kv, S, D]
+        values = key_values.values.reshape(kv_heads, -1, self.head_dim)
 
         # The score scale is 1.0 because q and k are RMS-normed. Mask and softmax run in float32.
-        scores = to_float32(torch.matmul(q, keys.transpose(2, 3)))  # shape: [B, H, T, S]
+        scores = to_float32(torch.bmm(q_rows, keys.transpose(1, 2)))  # shape: [B * H_kv, G * T, S]
         # An additive 0/-inf bias equals masked_fill, and the addition stays in the XNNPACK partition of the scores.
         visible = attention_mask(positions, key_values.positions, self.sliding_window)  # shape: [T, S]
-        scores = scores + torch.where(visible, 0.0, float("-inf"))
+        scores = scores + torch.where(visible, 0.0, float("-inf")).repeat(groups, 1)
         weights = to_dtype(torch.softmax(scores, dim=-1), q.dtype)
 
-        out = torch.matmul(weights, values).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        out = torch.bmm(weights, values).view(b, self.num_heads, -1, self.head_dim)  # shape: [B, H, T, D]
+        out = out.transpose(1, 2).contiguous().view(b, -1, self.num_heads * self.head_dim)
         return self.o_proj(out), key_values
-
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        groups = self.num_heads // self.num_kv_heads
-        if groups == 1:
-            return x
-        b, h_kv, s, d = x.shape
-        return x[:, :, None].expand(b, h_kv, groups, s, d).reshape(b, h_kv * groups, s, d)

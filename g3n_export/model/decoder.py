@@ -96,7 +96,9 @@ class DecoderStack(nn.Module):
         """Combine the token part with a projection of the embeddings: `(norm(proj(e) / sqrt(d)) + tokens) / sqrt(2)`."""
         dtype = inputs_embeds.dtype
         projected = self.per_layer_model_projection(inputs_embeds) * self._projection_scale[dtype]
-        projected = projected.reshape(*inputs_embeds.shape[:-1], self.config.num_hidden_layers, -1)
+        projected = projected.reshape(
+            inputs_embeds.shape[0], -1, self.config.num_hidden_layers, self.config.hidden_size_per_layer_input
+        )
         projected = self.per_layer_projection_norm(projected)  # shape: [B, T, L, P]
         return (projected + per_layer_tokens) * self._combine_scale[dtype]
 

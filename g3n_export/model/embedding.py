@@ -64,7 +64,7 @@ class PerLayerEmbedding(nn.Module):
         in_table = (tokens >= 0) & (tokens < self.vocab_size_per_layer_input)
         rows = torch.where(in_table, tokens, torch.zeros_like(tokens))
         gathered = nn.functional.embedding(rows, self.weight) * self._scale.get(self.weight.dtype, self._scale[torch.float32])  # shape: [B, T, L * P]
-        return gathered.reshape(*tokens.shape, self.num_layers, self.hidden_size_per_layer_input)
+        return gathered.reshape(tokens.shape[0], -1, self.num_layers, self.hidden_size_per_layer_input)
 
 
 class Embedder(nn.Module):

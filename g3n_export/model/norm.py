@@ -47,10 +47,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 island: x² overflows float16 for |x| > 256.
         x32 = to_float32(x)
+        if x.dim() == 4:
+            # Per-head and per-layer norms run on a 3-D view: XNNPACK delegates a 3-D linear whole, while a 4-D one
+            # is decomposed into reshapes with a symbolic sequence length that stay outside the delegate.
+            x32 = x32.reshape(x.shape[0], -1, self.dim)
         # One linear computes the mean: a separate division would be one more node in every norm of the graph.
         normed = x32 * torch.rsqrt(nn.functional.linear(x32 * x32, self.averaging_row) + self.eps)
         if self.weight is not None:
             normed = normed * to_float32(self.weight)
+        if x.dim() == 4:
+            normed = normed.view(x.shape[0], -1, x.shape[2], self.dim)
         return to_dtype(normed, x.dtype)
 
 

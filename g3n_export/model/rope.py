@@ -59,8 +59,8 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, T, heads, head_dim]` by the angles of its T positions, given `rotate_half_matrix(head_dim)`."""
-    cos = to_dtype(cos[None, :, None, :], x.dtype)
-    sin = to_dtype(sin[None, :, None, :], x.dtype)
+    cos = to_dtype(cos.view(1, -1, 1, cos.shape[-1]), x.dtype)
+    sin = to_dtype(sin.view(1, -1, 1, sin.shape[-1]), x.dtype)
     # The float32 round trip is exact: the rotation only moves lanes and flips signs.
     rotated = to_dtype(nn.functional.linear(to_float32(x), rotation), x.dtype)
     return x * cos + rotated * sin

@@ -113,7 +113,7 @@ class QuantizedPerLayerEmbedding(nn.Module):
         in_table = (tokens >= 0) & (tokens < self.vocab_size_per_layer_input)
         rows = torch.where(in_table, tokens, torch.zeros_like(tokens))
         gathered = _gather(self.qvals, self.scales, self.bits, rows) * self._scale  # shape: [B, T, L * P]
-        return gathered.reshape(*tokens.shape, self.num_layers, self.hidden_size_per_layer_input)
+        return gathered.reshape(tokens.shape[0], -1, self.num_layers, self.hidden_size_per_layer_input)
 
 
 # Loading and quantizing ---------------------------------------------------------------------------------------------
@@ -209,6 +209,8 @@ def build_decoder(
             progress("load", done, len(mapping))
 
     model.reset_buffers()
+    for layer in model.stack.layers:
+        layer.altup.untie_correction_router()
     unfilled = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if unfilled:
         raise CheckpointError(f"no checkpoint tensor was loaded into {unfilled[:5]}; the name table is incomplete")
