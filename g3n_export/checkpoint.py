@@ -231,6 +231,17 @@ class Checkpoint:
         """Load one text decoder tensor by its name relative to the text prefix."""
         return self.tensor(self.text_prefix + name)
 
+    def text_tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Load rows `start:stop` (along the first dimension) of one text decoder tensor, in its stored dtype.
+
+        The shard is opened for this read only, unlike `tensor`: pages read through a long-lived memory map stay
+        resident and count towards RSS until the map is closed, so a pass over every tensor through `tensor` would
+        end with the whole checkpoint in RSS.
+        """
+        info = self.info(self.text_prefix + name)
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_slice(info.name)[start:stop]
+
     def text_state_dict(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (relative name, tensor) for every text decoder tensor, one at a time."""
         for name in self.text_names():

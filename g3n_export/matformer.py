@@ -273,3 +273,16 @@ class SlicedCheckpoint:
     def text_tensor(self, name: str) -> torch.Tensor:
         source = self._source_name[name]
         return self.plan.slice_tensor(source, self.checkpoint.text_tensor(source))
+
+    def text_tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Load rows `start:stop` of one submodel text tensor (see `Checkpoint.text_tensor_rows`)."""
+        source = self._source_name[name]
+        if name == "per_layer_model_projection.weight":
+            # Its rows are regrouped by layer, so a block of submodel rows is not a block of source rows. It is small
+            # (layers x PLE width rows).
+            rows = self.checkpoint.info(self.checkpoint.text_prefix + source).shape[0]
+            whole = self.checkpoint.text_tensor_rows(source, 0, rows)
+            return self.plan.slice_tensor(source, whole)[start:stop]
+        # Every other cut keeps a prefix of the source rows or selects columns, so source rows start:stop give the
+        # submodel rows start:stop.
+        return self.plan.slice_tensor(source, self.checkpoint.text_tensor_rows(source, start, stop))

@@ -15,7 +15,7 @@ from g3n_export.cli.main import main
 from g3n_export.config import TextConfig, text_config_dict
 from g3n_export.errors import OutputError, RecipeError
 from g3n_export.layout import TEXT_PREFIX, is_unused_kv_name, layer_index, text_shapes, tower_shapes
-from g3n_export.matformer import effective_parameters, make_plan
+from g3n_export.matformer import SlicedCheckpoint, effective_parameters, make_plan
 from g3n_export.model import Gemma3nDecoder
 from g3n_export.reference import load_reference, reference_logits
 from g3n_export.recipes import load_size_recipe, parse_size_recipe
@@ -279,6 +279,17 @@ def test_large_tensors_are_streamed_in_row_blocks(tiny_e4b):
     assert torch.equal(torch.cat(ple), plan.slice_tensor("embed_tokens_per_layer.weight", source.text_tensor("embed_tokens_per_layer.weight")))
     assert len(gate) == 32 // (256 // 64)  # only the 32 kept rows are read, 4 rows of 64 bytes per block
     assert torch.equal(torch.cat(gate), source.text_tensor("layers.0.mlp.gate_proj.weight")[:32])
+
+
+def test_sliced_view_reads_row_blocks(tiny_e4b):
+    # Blocks of 5 rows end inside the kept FFN rows, and the PLE table and its projection are cut by layer.
+    source = open_checkpoint(tiny_e4b)
+    view = SlicedCheckpoint(source, load_size_recipe("e2b").plan(source.text_config))
+    for name in view.text_names():
+        whole = view.text_tensor(name)
+        blocks = [view.text_tensor_rows(name, start, min(start + 5, whole.shape[0]))
+                  for start in range(0, whole.shape[0], 5)]
+        assert torch.equal(torch.cat(blocks), whole), name
 
 
 def test_text_only_slice_loads_in_transformers(tiny_e4b, tmp_path):
