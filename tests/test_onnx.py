@@ -7,6 +7,10 @@ Exports happen once per module (float graphs once per checkpoint, then each quan
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,8 +30,21 @@ from g3n_export.runtime.onnx import (
     past_names,
     present_names,
 )
-from g3n_export.targets.onnx import PROTOBUF_LIMIT, _check_file_sizes, export_float_graphs, export_onnx
-from g3n_export.targets.onnx_quant import dequantize_gather_rows, quantize_gather_rows
+from g3n_export.targets import onnx as onnx_target
+from g3n_export.targets.onnx import (
+    PROTOBUF_LIMIT,
+    _check_file_sizes,
+    export_float_graphs,
+    export_onnx,
+    ort_size_problem,
+)
+from g3n_export.targets.onnx_quant import (
+    dequantize_gather_rows,
+    quantize_gather_rows,
+    quantize_matmul_columns,
+    quantize_matmuls,
+)
+from g3n_export.targets.onnx_weights import CheckpointReader, read_weight_sources, weightless_decoder
 from g3n_export.targets.recipe import OnnxSpec
 
 FP32 = OnnxSpec(linear="fp32", embedding="fp32", ple="fp32")
@@ -222,6 +239,159 @@ def test_gather_quantization_error_bound(bits):
     # Round to nearest: at most half a step per element, the step being the block's scale.
     half_step = np.repeat(scales, 32, axis=1)[:, :56] / 2
     assert np.all(np.abs(restored - table) <= half_step * 1.0001)
+
+
+# Weights streamed from the checkpoint
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_columns_match_ort_quantizer(bits):
+    # K = 72 is not a whole number of blocks, and the column blocks have uneven widths.
+    weight = np.random.default_rng(bits).standard_normal((72, 50)).astype(np.float32)
+    matmul = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    graph = onnx.helper.make_graph(
+        [matmul], "one_matmul",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 72])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 50])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = quantize_matmuls(onnx.helper.make_model(graph), bits, 32, 0)
+    expected = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+
+    blocks = [quantize_matmul_columns(weight[:, start:stop], bits, 32) for start, stop in ((0, 7), (7, 40), (40, 50))]
+    for position, suffix in enumerate((f"_Q{bits}", "_scales", "_zero_points")):
+        streamed = np.concatenate([block[position] for block in blocks])
+        assert streamed.dtype == expected[f"w{suffix}"].dtype, suffix
+        assert np.array_equal(streamed, expected[f"w{suffix}"]), suffix
+
+
+def test_weightless_decoder_stores_no_weights(text7):
+    model = weightless_decoder(text7.config)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("prediction_coefs.weight", "correction_coefs.weight")):
+            # The loader clips these, which stores them: a few dozen floats per layer at any model size.
+            assert parameter.numel() <= 4**3, name
+            continue
+        assert parameter.untyped_storage().nbytes() == 4, f"{name} stores {parameter.untyped_storage().nbytes()} bytes"
+        assert set(parameter.stride()) == {0}, name
+
+
+def test_float_graphs_take_weights_as_inputs(text7, text7_float_graphs):
+    from g3n_export.layout import text_shapes
+    from g3n_export.model.weights import hf_name_map
+
+    shapes = text_shapes(text7.config, include_unused_kv=False)
+    tensors = set()
+    for graph in (EMBED_GRAPH, DECODER_GRAPH):
+        model = onnx.load(text7_float_graphs / f"{graph}.onnx")
+        weights = read_weight_sources(text7_float_graphs / f"{graph}.weights.json")
+        inputs = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in model.graph.input}
+        for name, source in weights.items():
+            expected = list(shapes[source.tensor])
+            assert inputs[name] == (expected[::-1] if source.transposed else expected), name
+            readers = {node.op_type for node in model.graph.node if name in node.input}
+            assert source.transposed == (readers == {"MatMul"}), f"{name} is read by {readers}"
+            tensors.add(source.tensor)
+        # Only constants the graph computes itself are initializers (the bundled model's weights take 20 MB).
+        assert sum(len(init.raw_data) for init in model.graph.initializer) < 200_000, graph
+    assert tensors == set(hf_name_map(text7.config).values())
+
+
+def test_checkpoint_reader_matches_loader(tmp_path):
+    # Coefficients beyond altup_coef_clip (120) must reach the graph clipped, as the PyTorch loader clips them.
+    from helpers import random_text_weights, tiny_text_config, write_tiny_checkpoint
+
+    from g3n_export.checkpoint import open_checkpoint
+    from g3n_export.config import TextConfig
+    from g3n_export.model import Gemma3nDecoder
+    from g3n_export.model.weights import hf_name_map
+
+    config_dict = tiny_text_config(7, sliding_window=4, num_kv_shared_layers=2)
+    weights = random_text_weights(TextConfig.from_hf_dict(config_dict), seed=3)
+    for name in weights:
+        if name.endswith("altup.prediction_coefs.weight"):
+            weights[name] = weights[name] * 10_000
+    checkpoint = open_checkpoint(write_tiny_checkpoint(tmp_path / "checkpoint", config_dict, weights=weights))
+    loaded = dict(Gemma3nDecoder.from_checkpoint(checkpoint, 8).named_parameters())
+
+    reader = CheckpointReader(checkpoint)
+    clipped = 0
+    for module_name, tensor_name in hf_name_map(checkpoint.text_config).items():
+        streamed = torch.cat([block for _, block in reader.row_blocks(tensor_name)])
+        assert torch.equal(streamed, loaded[module_name]), tensor_name
+        clipped += int((streamed.abs() == 120.0).sum())
+    assert clipped > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS (VmHWM) from Linux /proc")
+def test_export_memory_grows_with_blocks_not_model(text7, tmp_path):
+    # A 570 MiB float32 model (in a bf16 checkpoint), exported in its own process: exporting it must raise peak RSS by
+    # far less than the model, because weights are read in 4 MiB float32 blocks. A tiny export first loads the
+    # libraries, so the increase is what the model's size costs. VmHWM, unlike getrusage's ru_maxrss, starts afresh
+    # in the new process instead of counting the RSS of this one at fork.
+    from helpers import tiny_text_config
+
+    from g3n_export.checkpoint import TensorSpec, write_checkpoint
+    from g3n_export.config import TextConfig
+    from g3n_export.layout import text_shapes
+
+    config_dict = tiny_text_config(4, sliding_window=4, num_kv_shared_layers=1, intermediate_size=[512] * 4)
+    config_dict.update(vocab_size=32768, vocab_size_per_layer_input=32768, hidden_size=256,
+                       hidden_size_per_layer_input=1024, head_dim=128)
+    shapes = text_shapes(TextConfig.from_hf_dict(config_dict))
+    float32_bytes = 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+    generator = torch.Generator().manual_seed(0)
+
+    def produce(spec):
+        scale = 1.0 if len(spec.shape) == 1 else spec.shape[1] ** -0.5
+        return (torch.randn(spec.shape, generator=generator) * scale).to(torch.bfloat16)
+
+    specs = [TensorSpec(f"model.{name}", torch.bfloat16, shape) for name, shape in shapes.items()]
+    write_checkpoint(tmp_path / "checkpoint", config_dict, specs, produce)
+    script = f"""
+import json
+from g3n_export.targets import onnx_weights
+from g3n_export.targets.onnx import export_onnx
+from g3n_export.targets.recipe import OnnxSpec
+onnx_weights.BLOCK_BYTES = 4 * 2**20
+spec = OnnxSpec(linear="int4", embedding="int8", ple="int4")
+def peak_rss_bytes():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+export_onnx({str(text7.checkpoint.path)!r}, {str(tmp_path / "warm-up")!r}, spec, max_seq_len=64, ort=False)
+before = peak_rss_bytes()
+export_onnx({str(tmp_path / "checkpoint")!r}, {str(tmp_path / "out")!r}, spec, max_seq_len=64, ort=False,
+            external_data_threshold=0)
+print(json.dumps({{"before": before, "after": peak_rss_bytes()}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    increase = peaks["after"] - peaks["before"]
+    print(f"float32 model {float32_bytes / 2**20:.0f} MiB; peak RSS {peaks['before'] / 2**20:.0f} -> "
+          f"{peaks['after'] / 2**20:.0f} MiB (+{increase / 2**20:.0f} MiB)")
+    assert float32_bytes > 500 * 2**20
+    assert increase < float32_bytes / 4
+
+
+def test_ort_size_problem_names_large_graphs(tmp_path):
+    (tmp_path / "small.onnx").write_bytes(b"graph")
+    (tmp_path / "large.onnx").write_bytes(b"graph")
+    with open(tmp_path / "large.onnx.data", "wb") as data:
+        data.truncate(PROTOBUF_LIMIT)  # sparse: takes no disk space
+    assert ort_size_problem([tmp_path / "small.onnx"]) is None
+    message = ort_size_problem([tmp_path / "small.onnx", tmp_path / "large.onnx"])
+    assert "large.onnx with its weights takes 2.00 GiB" in message
+    assert "small.onnx" not in message
+
+
+def test_ort_skip_is_recorded(text7, text7_float_graphs, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_target, "ort_size_problem", lambda paths: "too large for a test")
+    export = export_onnx(text7.checkpoint, tmp_path, FP32, max_seq_len=64, ort=True, float_graphs=text7_float_graphs)
+    assert export.ort_skipped == "too large for a test"
+    assert export.ort_files == []
+    assert not list(tmp_path.glob("*.ort"))
+    assert (tmp_path / "mobile_usability.txt").is_file()
 
 
 # ORT format and mobile report

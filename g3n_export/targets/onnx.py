@@ -1,16 +1,19 @@
 """ONNX target: the `embed_tokens` and `decoder_model_merged` graphs, quantized, with ORT-format copies.
 
-Pipeline (each step writes files, so peak memory stays near one graph's size):
+Pipeline (no step holds the model's weights, see `onnx_weights`):
 
-1. Export both float32 graphs from `g3n_export.model` with the TorchScript-based `torch.onnx.export`
-   (`dynamo=False`), because the dynamo exporter took minutes per graph for a 7-layer toy model in
-   `run_decompositions` (torch 2.13, 2 CPU cores), while the traced graph is the same computation.
+1. Trace both graphs from `g3n_export.model` with the TorchScript-based `torch.onnx.export` (`dynamo=False`), because
+   the dynamo exporter took minutes per graph for a 7-layer toy model in `run_decompositions` (torch 2.13, 2 CPU
+   cores), while the traced graph is the same computation. The traced model's parameters are zero-stride placeholders
+   and become graph inputs. Each traced matmul copies its placeholder to full size for a moment, so the largest one
+   (the LM head, 2 GiB in float32 for E2B) sets the peak of this step.
 2. Fold constants and remove redundant nodes with ONNX Runtime's offline optimizer at the basic level, the
-   platform-independent level, so the files stay valid for every execution provider.
-3. Quantize (`onnx_quant`): `MatMulNBits` for linear layers and the LM head, `GatherBlockQuantized` for the embedding
-   tables.
-4. Save with external data above a size threshold, check the 2 GiB protobuf limit, convert to ORT format with ONNX
-   Runtime's converter and store its mobile usability report.
+   platform-independent level, so the files stay valid for every execution provider. The weights are still graph
+   inputs at this step, so the optimizer never reads them.
+3. Quantize (`onnx_quant`) while streaming the checkpoint into each graph's external data file: `MatMulNBits` for
+   linear layers and the LM head, `GatherBlockQuantized` for the embedding tables.
+4. Keep the weights inline when they are small, check the 2 GiB protobuf limit, convert to ORT format with ONNX
+   Runtime's converter (unless a graph's weights cannot fit one ORT file) and store its mobile usability report.
 
 The graph inputs and outputs follow the export folder contract (see `g3n_export.runtime.onnx` for the names).
 """
@@ -41,7 +44,20 @@ from g3n_export.runtime.onnx import (
     past_names,
     present_names,
 )
-from g3n_export.targets.onnx_quant import TensorQuant, count_ops, quantize_gathers, quantize_matmuls
+from g3n_export.targets.onnx_quant import TensorQuant, count_ops, quantize_matmuls
+from g3n_export.targets.onnx_weights import (
+    CheckpointReader,
+    ExternalDataWriter,
+    WeightSource,
+    bind_weights,
+    checkpoint_tensor_names,
+    fold_weight_transposes,
+    move_initializers_to_file,
+    parameters_as_inputs,
+    read_weight_sources,
+    weightless_decoder,
+    write_weight_sources,
+)
 from g3n_export.targets.recipe import OnnxSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +82,7 @@ class OnnxExport:
         timings: stage -> seconds.
         peak_rss_bytes: peak resident memory of this process at the end of the export.
         mobile_usability: ONNX Runtime's mobile usability report (also in `mobile_usability.txt`), None without ORT.
+        ort_skipped: why the ORT-format conversion was requested but not run, or None.
     """
 
     out_dir: Path
@@ -79,6 +96,7 @@ class OnnxExport:
     kv_layers: list[int]
     mobile_usability: str | None = None
     ort_files: list[str] = field(default_factory=list)
+    ort_skipped: str | None = None
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -138,53 +156,66 @@ def export_onnx(
         out_dir: folder for the graphs; created, existing graph files are replaced.
         spec: quantization settings (linear, block_size, accuracy_level, embedding, ple, opset).
         max_seq_len: recorded for runtimes; the graphs themselves accept any length.
-        ort: also convert to ORT format and write ONNX Runtime's mobile usability report.
+        ort: also convert to ORT format and write ONNX Runtime's mobile usability report. The conversion is skipped,
+            and the reason recorded in `OnnxExport.ort_skipped`, when a graph with its weights reaches 2 GiB.
         progress: called with one line per finished stage.
         external_data_threshold: graphs whose initializers exceed this many bytes get an external `.onnx.data` file.
-        float_graphs: a folder from `export_float_graphs` to quantize instead of exporting again (several
+        float_graphs: a folder from `export_float_graphs` of the same checkpoint, to skip tracing (several
             quantization variants of one checkpoint).
 
     Raises:
         ValueError: a spec value this target cannot write.
         RuntimeError: a file reaches the 2 GiB protobuf limit, or ORT conversion fails.
     """
+    from g3n_export.checkpoint import open_checkpoint
+
     _validate_spec(spec)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda message: log.info("%s", message))
+    checkpoint = open_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
     timings: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="g3n-onnx-") as work:
         if float_graphs is None:
             started = time.perf_counter()
-            float_graphs = export_float_graphs(source, Path(work), opset=spec.opset)
+            float_graphs = export_float_graphs(checkpoint, Path(work), opset=spec.opset)
             timings["export_float"] = time.perf_counter() - started
-            say(f"exported float32 ONNX graphs in {timings['export_float']:.1f} s")
+            say(f"traced and optimized the float32 ONNX graphs (weights as inputs) in {timings['export_float']:.1f} s"
+                f"{_peak_note()}")
         float_graphs = Path(float_graphs)
 
+        reader = CheckpointReader(checkpoint)
         started = time.perf_counter()
-        embed = onnx.load(float_graphs / f"{EMBED_GRAPH}.onnx")
-        embed_quant = _quantize_embed(embed, spec)
-        _save_graph(embed, out_dir / f"{EMBED_GRAPH}.onnx", external_data_threshold)
-        del embed
-        decoder = onnx.load(float_graphs / f"{DECODER_GRAPH}.onnx")
-        kv_layers = _kv_layers_of(decoder)
-        decoder, linear_quant = _quantize_decoder(decoder, spec)
-        _save_graph(decoder, out_dir / f"{DECODER_GRAPH}.onnx", external_data_threshold)
-        del decoder
-        timings["quantize_and_save"] = time.perf_counter() - started
-        say(f"quantized ({spec.precision}: linear {spec.linear}, embedding {spec.embedding}, PLE {spec.ple}) "
-            f"and saved in {timings['quantize_and_save']:.1f} s")
+        embed_quant = _write_embed(float_graphs, out_dir, reader, spec, external_data_threshold)
+        timings["weights_embed"] = time.perf_counter() - started
+        say(f"wrote {EMBED_GRAPH} (embedding {spec.embedding}, PLE {spec.ple}) in {timings['weights_embed']:.1f} s"
+            f"{_peak_note()}")
+
+        started = time.perf_counter()
+        linear_quant, kv_layers = _write_decoder(float_graphs, out_dir, reader, spec, external_data_threshold)
+        timings["weights_decoder"] = time.perf_counter() - started
+        say(f"wrote {DECODER_GRAPH} (linear {spec.linear}, block size {spec.block_size}, accuracy level "
+            f"{spec.accuracy_level}) in {timings['weights_decoder']:.1f} s{_peak_note()}")
 
     report = None
     ort_files: list[str] = []
+    ort_skipped = None
     if ort:
+        graphs = [out_dir / f"{EMBED_GRAPH}.onnx", out_dir / f"{DECODER_GRAPH}.onnx"]
+        ort_skipped = ort_size_problem(graphs)
+        if ort_skipped:
+            log.warning("skipped the ORT-format conversion: %s", ort_skipped)
+        else:
+            started = time.perf_counter()
+            ort_files = convert_to_ort(graphs, out_dir)
+            timings["convert_ort"] = time.perf_counter() - started
+            say(f"converted to ORT format in {timings['convert_ort']:.1f} s")
         started = time.perf_counter()
-        ort_files = convert_to_ort([out_dir / f"{EMBED_GRAPH}.onnx", out_dir / f"{DECODER_GRAPH}.onnx"], out_dir)
-        timings["convert_ort"] = time.perf_counter() - started
-        report = mobile_usability_report(out_dir / f"{DECODER_GRAPH}.onnx", out_dir / f"{EMBED_GRAPH}.onnx")
+        report = mobile_usability_report(graphs[1], graphs[0])
         (out_dir / MOBILE_REPORT).write_text(report)
-        say(f"converted to ORT format in {timings['convert_ort']:.1f} s; mobile usability report in {MOBILE_REPORT}")
+        timings["mobile_usability"] = time.perf_counter() - started
+        say(f"wrote ONNX Runtime's mobile usability report to {MOBILE_REPORT} in {timings['mobile_usability']:.1f} s")
 
     files = _graph_files(out_dir)
     _check_file_sizes(out_dir, files)
@@ -200,49 +231,64 @@ def export_onnx(
         kv_layers=kv_layers,
         mobile_usability=report,
         ort_files=ort_files,
+        ort_skipped=ort_skipped,
     )
 
 
+def _peak_note() -> str:
+    return f" (peak RSS {peak_rss_bytes() / 2**30:.2f} GiB)"
+
+
 def export_float_graphs(source, out_dir: str | os.PathLike, *, opset: int = OnnxSpec.opset) -> Path:
-    """Export both graphs in float32 to `out_dir` (optimized at ONNX Runtime's basic level) and return `out_dir`."""
+    """Export both graphs in float32 to `out_dir`, optimized at ONNX Runtime's basic level, and return `out_dir`.
+
+    The weights are graph inputs here, named after the PyTorch parameters (the LM head's is
+    `decoder.stack.lm_head.weight`). `<graph>.weights.json` maps each to its checkpoint tensor (`WeightSource`), and
+    `export_onnx` turns them into initializers. Linear weights are declared transposed (`[in, out]`), as MatMul reads
+    them. No weight is read from the checkpoint, so this takes about as much memory for E2B as for a toy model.
+    """
     from g3n_export.checkpoint import open_checkpoint
-    from g3n_export.model import Gemma3nDecoder
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = open_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    # The graphs take the KV history as inputs, so the model's static cache is never used: keep it minimal.
-    model = Gemma3nDecoder.from_checkpoint(checkpoint, 1, dtype=torch.float32).eval()
-    config = model.config
+    config = checkpoint.text_config
+    model = weightless_decoder(config)
+    tensor_names = checkpoint_tensor_names(model)
 
+    graphs = ((EMBED_GRAPH, EmbedTokensGraph(model.embedder), _export_embed),
+              (DECODER_GRAPH, DecoderGraph(model.functional()), _export_decoder))
     with tempfile.TemporaryDirectory(prefix="g3n-onnx-raw-") as raw:
-        raw_embed = Path(raw) / f"{EMBED_GRAPH}.onnx"
-        raw_decoder = Path(raw) / f"{DECODER_GRAPH}.onnx"
-        with torch.no_grad():
-            _export_embed(model, raw_embed, opset)
-            _export_decoder(model, raw_decoder, opset)
-        del model
-        _ensure_attention_mask_input(raw_decoder)
-        _optimize_basic(raw_embed, out_dir / f"{EMBED_GRAPH}.onnx")
-        _optimize_basic(raw_decoder, out_dir / f"{DECODER_GRAPH}.onnx")
+        for graph_name, graph, export in graphs:
+            raw_path = Path(raw) / f"{graph_name}.onnx"
+            with torch.no_grad(), parameters_as_inputs(graph.eval()) as (traced, parameters):
+                dynamic_axes = export(traced, config, parameters, raw_path, opset)
+            weights = {name: WeightSource(tensor_names[id(parameter)]) for name, parameter in parameters}
+            weights = _prepare_traced_graph(raw_path, weights, traced.output_shapes, dynamic_axes,
+                                            is_decoder=graph_name == DECODER_GRAPH)
+            _optimize_basic(raw_path, out_dir / f"{graph_name}.onnx")
+            write_weight_sources(out_dir / f"{graph_name}.weights.json", weights)
     log.info("float32 graphs for %d layers (KV layers %s) in %s", config.num_hidden_layers, config.kv_layers, out_dir)
     return out_dir
 
 
-def _export_embed(model, path: Path, opset: int) -> None:
+def _export_embed(traced: nn.Module, config, parameters: list, path: Path, opset: int) -> dict:
+    """Export the embed graph with `parameters` as trailing inputs and return its dynamic axes."""
     # Example with B=2, T=3: a size-1 example dimension could be traced as a constant.
     input_ids = torch.tensor([[2, 5, 7], [2, 9, 1]], dtype=torch.int64)
+    weight_names = [name for name, _ in parameters]
+    dynamic_axes = {name: {0: "batch_size", 1: "sequence_length"}
+                    for name in ("input_ids", "inputs_embeds", "per_layer_inputs")}
     torch.onnx.export(
-        EmbedTokensGraph(model.embedder).eval(), (input_ids,), str(path), dynamo=False, opset_version=opset,
-        input_names=["input_ids"], output_names=["inputs_embeds", "per_layer_inputs"],
-        dynamic_axes={name: {0: "batch_size", 1: "sequence_length"}
-                      for name in ("input_ids", "inputs_embeds", "per_layer_inputs")},
-        do_constant_folding=True,
+        traced, (input_ids, *[p.detach() for _, p in parameters]), str(path), dynamo=False, opset_version=opset,
+        input_names=["input_ids", *weight_names], output_names=["inputs_embeds", "per_layer_inputs"],
+        dynamic_axes=dynamic_axes, do_constant_folding=True,
     )
+    return dynamic_axes
 
 
-def _export_decoder(model, path: Path, opset: int) -> None:
-    config = model.config
+def _export_decoder(traced: nn.Module, config, parameters: list, path: Path, opset: int) -> dict:
+    """Export the decoder graph with `parameters` as trailing inputs and return its dynamic axes."""
     kv_layers = list(config.kv_layers)
     batch, new_tokens, past_length = 2, 3, 2
     inputs_embeds = torch.randn(batch, new_tokens, config.hidden_size)
@@ -260,25 +306,37 @@ def _export_decoder(model, path: Path, opset: int) -> None:
     }
     dynamic_axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names(kv_layers)})
     dynamic_axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names(kv_layers)})
+    weight_names = [name for name, _ in parameters]
     torch.onnx.export(
-        DecoderGraph(model.functional()).eval(),
-        (inputs_embeds, per_layer_inputs, attention_mask, position_ids, *past),
+        traced,
+        (inputs_embeds, per_layer_inputs, attention_mask, position_ids, *past, *[p.detach() for _, p in parameters]),
         str(path), dynamo=False, opset_version=opset,
-        input_names=decoder_input_names(kv_layers), output_names=decoder_output_names(kv_layers),
+        input_names=[*decoder_input_names(kv_layers), *weight_names], output_names=decoder_output_names(kv_layers),
         dynamic_axes=dynamic_axes, do_constant_folding=True,
     )
+    return dynamic_axes
 
 
-def _ensure_attention_mask_input(path: Path) -> None:
+def _prepare_traced_graph(path: Path, weights: dict[str, WeightSource], output_shapes: list[tuple[int, ...]],
+                          dynamic_axes: dict, *, is_decoder: bool) -> dict[str, WeightSource]:
+    model = onnx.load(path)
+    weights = fold_weight_transposes(model, weights)
+    # The exporter names an output dimension that its shape inference cannot resolve (per_layer_inputs' layer and
+    # width dimensions become `Reshapeper_layer_inputs_dim_2`). Every dimension outside dynamic_axes is static, so it
+    # gets its traced size.
+    for output, shape in zip(model.graph.output, output_shapes):
+        dynamic = dynamic_axes.get(output.name, {})
+        for position, dim in enumerate(output.type.tensor_type.shape.dim):
+            if position not in dynamic:
+                dim.dim_value = shape[position]
     # The tracer drops inputs that no node reads; the contract requires attention_mask anyway.
-    model = onnx.load(path, load_external_data=False)
-    if any(i.name == "attention_mask" for i in model.graph.input):
-        return
-    mask = onnx.helper.make_tensor_value_info(
-        "attention_mask", onnx.TensorProto.INT64, ["batch_size", "total_sequence_length"]
-    )
-    model.graph.input.insert(2, mask)
+    if is_decoder and not any(i.name == "attention_mask" for i in model.graph.input):
+        mask = onnx.helper.make_tensor_value_info(
+            "attention_mask", onnx.TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        )
+        model.graph.input.insert(2, mask)
     onnx.save(model, path)
+    return weights
 
 
 def _optimize_basic(source: Path, target: Path) -> None:
@@ -298,48 +356,86 @@ def _kv_layers_of(decoder: onnx.ModelProto) -> list[int]:
             if i.name.startswith(prefix) and i.name.endswith(suffix)]
 
 
-def _quantize_embed(model: onnx.ModelProto, spec: OnnxSpec) -> list[TensorQuant]:
-    names = {init.name for init in model.graph.initializer}
-    token_table = _one_name(names, "token_embedding.weight")
-    ple_table = _one_name(names, "per_layer_embedding.weight")
+def _write_embed(float_graphs: Path, out_dir: Path, reader: CheckpointReader, spec: OnnxSpec,
+                 external_data_threshold: int) -> list[TensorQuant]:
+    model = onnx.load(float_graphs / f"{EMBED_GRAPH}.onnx")
+    weights = read_weight_sources(float_graphs / f"{EMBED_GRAPH}.weights.json")
+    tables = {"embed_tokens.weight": ("token_embedding", spec.embedding),
+              "embed_tokens_per_layer.weight": ("per_layer_embedding", spec.ple)}
+    missing = sorted(set(tables) - {source.tensor for source in weights.values()})
+    if missing:
+        raise RuntimeError(f"{EMBED_GRAPH} has no weight input for the checkpoint tables {missing}")
+    table_bits = {tensor: _BITS.get(scheme) for tensor, (_, scheme) in tables.items()}
+    _bind_and_save(model, weights, reader, out_dir / f"{EMBED_GRAPH}.onnx", external_data_threshold,
+                   linear_bits=None, table_bits=table_bits, spec=spec)
+
     result = []
-    for table, group, scheme in ((token_table, "token_embedding", spec.embedding),
-                                 (ple_table, "per_layer_embedding", spec.ple)):
+    for group, scheme in tables.values():
         if scheme == "fp32":
             result.append(TensorQuant(group, "Gather", 32, None, tensors=1))
-            continue
-        quantize_gathers(model, {table: group}, _BITS[scheme], spec.block_size)
-        result.append(TensorQuant(group, "GatherBlockQuantized", _BITS[scheme], spec.block_size, tensors=1))
+        else:
+            result.append(TensorQuant(group, "GatherBlockQuantized", _BITS[scheme], spec.block_size, tensors=1))
     return result
 
 
-def _quantize_decoder(model: onnx.ModelProto, spec: OnnxSpec) -> tuple[onnx.ModelProto, list[TensorQuant]]:
+def _write_decoder(float_graphs: Path, out_dir: Path, reader: CheckpointReader, spec: OnnxSpec,
+                   external_data_threshold: int) -> tuple[list[TensorQuant], list[int]]:
+    model = onnx.load(float_graphs / f"{DECODER_GRAPH}.onnx")
+    weights = read_weight_sources(float_graphs / f"{DECODER_GRAPH}.weights.json")
+    kv_layers = _kv_layers_of(model)
     # The decoder contains its own copy of the token embedding as the LM head weight, quantized with the linear layers.
-    linear = count_ops(model, "MatMul")
-    if spec.linear == "fp32":
-        return model, [TensorQuant("linear", "MatMul", 32, None, tensors=linear)]
-    model = quantize_matmuls(model, _BITS[spec.linear], spec.block_size, spec.accuracy_level)
+    linear_bits = _BITS.get(spec.linear)
+    if linear_bits is not None:
+        # Constants the graph computes itself (the RoPE rotation, the norms' averaging rows) are initializers
+        # already, and ONNX Runtime's quantizer handles them as it handles every weight of an in-memory model.
+        model = quantize_matmuls(model, linear_bits, spec.block_size, spec.accuracy_level)
+    _bind_and_save(model, weights, reader, out_dir / f"{DECODER_GRAPH}.onnx", external_data_threshold,
+                   linear_bits=linear_bits, table_bits={}, spec=spec)
+
+    if linear_bits is None:
+        return [TensorQuant("linear", "MatMul", 32, None, tensors=count_ops(model, "MatMul"))], kv_layers
     quantized = count_ops(model, "MatMulNBits")
-    return model, [TensorQuant("linear", "MatMulNBits", _BITS[spec.linear], spec.block_size,
-                               accuracy_level=spec.accuracy_level, tensors=quantized)]
+    return [TensorQuant("linear", "MatMulNBits", linear_bits, spec.block_size, accuracy_level=spec.accuracy_level,
+                        tensors=quantized)], kv_layers
 
 
-def _one_name(names: set[str], suffix: str) -> str:
-    matches = [name for name in names if name.endswith(suffix)]
-    if len(matches) != 1:
-        raise RuntimeError(f"expected one embed_tokens initializer named *{suffix}, found {sorted(matches)}")
-    return matches[0]
-
-
-def _save_graph(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> None:
+def _bind_and_save(model: onnx.ModelProto, weights: dict[str, WeightSource], reader: CheckpointReader, path: Path,
+                   external_data_threshold: int, *, linear_bits: int | None, table_bits: dict[str, int | None],
+                   spec: OnnxSpec) -> None:
     data_path = path.with_name(path.name + ".data")
-    data_path.unlink(missing_ok=True)
-    weights = sum(len(init.raw_data) for init in model.graph.initializer)
-    if weights > external_data_threshold:
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_path.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, path)
+    with ExternalDataWriter(data_path) as writer:
+        bound = bind_weights(model, weights, reader, writer, linear_bits=linear_bits, table_bits=table_bits,
+                             block_size=spec.block_size, accuracy_level=spec.accuracy_level)
+        move_initializers_to_file(model, writer)
+        data_bytes = writer.size
+    onnx.save_model(model, path)
+    log.info("%s: %d MatMulNBits weights, %d quantized tables, %d float32 weights; %.1f MiB of weights",
+             path.name, bound.matmul_nbits, len(bound.gather_block_quantized), bound.float32, data_bytes / 2**20)
+    if data_bytes <= external_data_threshold:
+        # Small enough to keep inline: one file is simpler to ship, and loading it needs at most the threshold.
+        onnx.save_model(onnx.load(path), path)
+        data_path.unlink()
+
+
+def ort_size_problem(onnx_paths: list[Path]) -> str | None:
+    """Return why these graphs cannot be converted to ORT format, or None when each fits.
+
+    An ORT-format file stores a graph with all its weights in one FlatBuffers buffer, and FlatBuffers cannot address
+    2 GiB or more. The size of `.onnx` plus `.onnx.data` estimates the ORT file (the data file also holds alignment
+    padding, so the estimate errs on the large side by at most 64 KiB per tensor).
+    """
+    too_large = {}
+    for path in onnx_paths:
+        data = path.with_name(path.name + ".data")
+        size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        if size >= PROTOBUF_LIMIT:
+            too_large[path.name] = size
+    if not too_large:
+        return None
+    sizes = ", ".join(f"{name} with its weights takes {size / 2**30:.2f} GiB" for name, size in too_large.items())
+    return (f"{sizes}, but an ORT-format file holds all weights of its graph and must stay under 2 GiB; "
+            "quantize the large tensors to fewer bits (for example int4 linear layers and an int4 PLE table) to get "
+            "ORT-format files, or ship the .onnx files")
 
 
 def convert_to_ort(onnx_paths: list[Path], out_dir: Path) -> list[str]:
