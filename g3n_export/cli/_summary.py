@@ -22,6 +22,9 @@ def print_export_summary(result) -> None:
     stages = ", ".join(f"{s.name} {s.seconds:.1f} s" for s in result.stages)
     peak = max((s.peak_rss for s in result.stages), default=0)
     console.print(f"stages: {stages}; peak memory {human_bytes(peak)}", highlight=False)
+    ort_skipped = manifest.get("artifacts", {}).get("onnx", {}).get("ort_skipped")
+    if ort_skipped:
+        console.print(f"[bold yellow]ORT format not written:[/] {ort_skipped}", highlight=False)
 
     parity = manifest.get("parity")
     if parity is None:
