@@ -374,6 +374,14 @@ print(json.dumps({{"before": before, "after": peak_rss_bytes()}}))
     assert increase < float32_bytes / 4
 
 
+def test_float_graphs_of_other_checkpoint_rejected(text7_float_graphs, tmp_path_factory, tmp_path):
+    from conftest import tiny_model
+
+    other = tiny_model("multimodal10", tmp_path_factory)
+    with pytest.raises(ValueError, match="exported from another checkpoint"):
+        export_onnx(other.checkpoint, tmp_path, FP32, max_seq_len=64, ort=False, float_graphs=text7_float_graphs)
+
+
 def test_ort_size_problem_names_large_graphs(tmp_path):
     (tmp_path / "small.onnx").write_bytes(b"graph")
     (tmp_path / "large.onnx").write_bytes(b"graph")

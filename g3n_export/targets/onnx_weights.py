@@ -352,7 +352,15 @@ def bind_weights(
         accuracy_level: MatMulNBits `accuracy_level`.
     """
     bound = BoundWeights()
+    declared = {value.name: [dim.dim_value for dim in value.type.tensor_type.shape.dim] for value in model.graph.input}
     for name, source in weights.items():
+        stored = list(reader.shapes[source.tensor])
+        expected = stored[::-1] if source.transposed else stored
+        if declared.get(name) != expected:
+            raise ValueError(
+                f"weight input {name!r} has shape {declared.get(name)}, but checkpoint tensor {source.tensor!r} gives "
+                f"{expected}; the graphs were exported from another checkpoint, so export them again from this one"
+            )
         readers = [node for node in model.graph.node if name in node.input]
         bits = table_bits.get(source.tensor)
         if readers and all(node.op_type == "MatMul" and list(node.input).index(name) == 1 for node in readers) \
