@@ -38,7 +38,8 @@ def setup_logging(verbosity: int) -> None:
         force=True,
     )
     logging.getLogger("g3n_export").setLevel(level)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "huggingface_hub", "transformers"):
+    # ExecuTorch's partitioners print the whole graph per partition at DEBUG, which slows lowering by many minutes.
+    for noisy in ("torch", "onnxscript", "onnx_ir", "httpx", "huggingface_hub", "transformers", "executorch"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     # torchao warns at import about GPU kernels that a CPU build never has; torch about its own enum registrations.
     for chatty in ("torchao", "torch.utils._pytree"):
