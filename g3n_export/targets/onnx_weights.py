@@ -262,6 +262,8 @@ class ExternalDataWriter:
 
 @dataclass
 class TensorRegion:
+    """The bytes reserved for one tensor in an `ExternalDataWriter` file, and the tensor proto that points to them."""
+
     writer: ExternalDataWriter
     tensor: TensorProto
     offset: int
