@@ -234,7 +234,7 @@ class Checkpoint:
     def text_tensor_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Load rows `start:stop` (along the first dimension) of one text decoder tensor, in its stored dtype.
 
-        The shard is opened for this read only, unlike `tensor`: pages read through a long-lived memory map stay
+        Unlike `tensor`, this opens the shard for this read only. Pages read through a long-lived memory map stay
         resident and count towards RSS until the map is closed, so a pass over every tensor through `tensor` would
         end with the whole checkpoint in RSS.
         """

@@ -421,7 +421,7 @@ def ort_size_problem(onnx_paths: list[Path]) -> str | None:
     """Return why these graphs cannot be converted to ORT format, or None when each fits.
 
     An ORT-format file stores a graph with all its weights in one FlatBuffers buffer, and FlatBuffers cannot address
-    2 GiB or more. The size of `.onnx` plus `.onnx.data` estimates the ORT file (the data file also holds alignment
+    2 GiB or more. The size of `.onnx` plus `.onnx.data` estimates the ORT file (the data file also contains alignment
     padding, so the estimate errs on the large side by at most 64 KiB per tensor).
     """
     too_large = {}

@@ -189,9 +189,9 @@ def fold_weight_transposes(model: onnx.ModelProto, weights: dict[str, WeightSour
                         node.input[input_position] = transposed_name
         removed |= replaced
 
-    kept = [node for node in graph.node if not (node.op_type == "Transpose" and node.output[0] in removed)]
+    remaining = [node for node in graph.node if not (node.op_type == "Transpose" and node.output[0] in removed)]
     del graph.node[:]
-    graph.node.extend(kept)
+    graph.node.extend(remaining)
     return result
 
 
