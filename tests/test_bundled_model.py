@@ -18,8 +18,9 @@ from g3n_export.config import FULL, SLIDING
 from g3n_export.layout import is_unused_kv_name, layer_index
 from g3n_export.matformer import make_plan
 from g3n_export.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_sentencepiece
-from g3n_export.training.corpus import read_heldout
+from g3n_export.training.corpus import load_pydoc_corpus, read_heldout
 from g3n_export.training.evaluate import heldout_windows, perplexity
+from g3n_export.training.train import GENERATION_PROMPTS, generation_prompts
 
 E2B_NAME = "Config for official E2B Model"
 REL_TOL = 1e-3
@@ -180,19 +181,44 @@ def test_tokenizers_agree(heldout):
         assert cpp.encode(text, 1, 0) == expected, text
 
 
-# NOTE: the shipped model fails this. After 540 steps on 110,000 tokens, greedy decoding falls into a repeated
-# code-example pattern (">>> '0000…") within a few tokens. With strict=True, a retrained model that passes makes
-# this test fail until the mark is removed.
-@pytest.mark.xfail(strict=True, reason="greedy output of the shipped model is not English yet")
-def test_greedy_generation_is_english(full_model, heldout, training_log):
+# Whitespace-separated tokens are words once these are stripped from both ends, so `"for"` and `object,` count.
+WORD_PUNCTUATION = ".,;:!?()\"'*“”"
+# A word is letters, optionally joined by hyphens or apostrophes: "built-in", "object’s", "doesn’t".
+WORD = re.compile(r"[A-Za-z]+(?:[-'’][A-Za-z]+)*")
+
+
+def is_corpus_word(word: str, corpus_words: set[str]) -> bool:
+    """Return whether `word` is a word and each of its hyphen- or apostrophe-separated parts occurs in the corpus."""
+    if not WORD.fullmatch(word):
+        return False
+    return all(part in corpus_words for part in re.findall("[a-z]+", word.lower()))
+
+
+@pytest.fixture(scope="module")
+def corpus_words(training_log):
+    """Lower-cased alphabetic words of the training text (the running CPython's pydoc topics minus the held-out part)."""
+    corpus = load_pydoc_corpus(training_log["settings"]["holdout_every"])
+    return {word.lower() for text in corpus.train for word in re.findall(r"[A-Za-z]+", text)}
+
+
+@pytest.mark.parametrize("index", range(GENERATION_PROMPTS))
+def test_greedy_generation_is_english(index, full_model, heldout, corpus_words):
+    """Greedy decoding (no repetition penalty) continues a held-out prose prompt with varied words of the corpus.
+
+    Code fragments (`>>> '0000`, `x.__dict_list_list`) fail the share of words, and a loop on one or two words
+    (`not not not`) fails the count of distinct words.
+    """
     model, _ = full_model
     sp = load_sentencepiece(BUNDLED_MODEL)
-    prompt = training_log["generation"]["prompt"]
+    prompt = generation_prompts(heldout)[index]
     ids = torch.tensor([[BOS_ID] + sp.encode(prompt)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=PAD_ID)
     text = sp.decode(out[0, ids.shape[1]:].tolist())
-    words = re.findall(r"[A-Za-z]{3,}", text)
-    known = set(re.findall(r"[A-Za-z]{3,}", " ".join(heldout)))
-    assert len(words) >= 5, text
-    assert sum(w in known for w in words) >= 0.6 * len(words), text
+
+    tokens = text.split()
+    words = [token.strip(WORD_PUNCTUATION) for token in tokens]
+    english = [word.lower() for word in words if is_corpus_word(word, corpus_words)]
+    assert len(tokens) >= 10, f"{prompt!r} -> {text!r}"
+    assert len(english) >= 0.7 * len(tokens), f"{prompt!r} -> {text!r}"
+    assert len(set(english)) >= 6, f"{prompt!r} -> {text!r}"
