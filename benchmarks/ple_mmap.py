@@ -67,7 +67,7 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     model, _ = build_decoder(source, spec, max_seq_len)
     edge = to_edge_transform_and_lower(
         export_program(model, max_seq_len),
-        partitioner=xnnpack_partitioners(quantized=True),
+        partitioner=xnnpack_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=runner_metadata(config, max_seq_len, bos_id=config.bos_token_id, eos_ids=eos_ids),
     )

@@ -5,8 +5,8 @@ Pipeline (`export_executorch`):
 1. load + quantize: build `Gemma3nDecoder` on the meta device and fill it one checkpoint tensor at a time, quantizing
    each tensor group as it arrives, so the float model never exists in memory as a whole.
 2. export: `torch.export` (strict) with a dynamic sequence length `1 <= T <= max_seq_len`.
-3. lower: `to_edge_transform_and_lower` with the XNNPACK partitioners (dynamically quantized linears first, then
-   float ops); the quantized gathers stay outside the delegate on ExecuTorch's quantized kernels.
+3. lower: `to_edge_transform_and_lower` with one XNNPACK partitioner for quantized linears and float ops alike;
+   the quantized gathers stay outside the delegate on ExecuTorch's quantized kernels.
 4. emit: `to_executorch` with the PLE table (and its scales) tagged as external constants, written to `ple.ptd`;
    every other constant stays in `model.pte`.
 
@@ -416,7 +416,7 @@ def export_executorch(
 
     edge = to_edge_transform_and_lower(
         program,
-        partitioner=xnnpack_partitioners(quantized=spec.linear != "fp32" or spec.embedding != "fp32"),
+        partitioner=xnnpack_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=runner_metadata(config, max_seq_len, bos_id=bos_id, eos_ids=eos_ids),
     )
