@@ -85,7 +85,9 @@ def read_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportFolderError(f"export folder {folder} not found")
+        raise ExportFolderError(
+            f"export folder {folder} not found; pass the folder written by `g3n-export --target ...` (its --out)"
+        )
     path = folder / MANIFEST
     if not path.is_file():
         raise ExportFolderError(

@@ -132,9 +132,9 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
     config = source.text_config
     specs = []
     if "pte" in target.formats:
-        specs.append(f"ExecuTorch {target.executorch}")
+        specs.append(f"ExecuTorch: {target.executorch.describe()}")
     if "onnx" in target.formats:
-        specs.append(f"ONNX {target.onnx}")
+        specs.append(f"ONNX: {target.onnx.describe()}")
     log.info(
         "model %s, size %s (%d layers, %s effective parameters), target %s: formats %s, max_seq_len %d; %s",
         checkpoint.path, size.name, config.num_hidden_layers, f"{effective_parameters(config):,}", target.name,

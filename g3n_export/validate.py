@@ -105,7 +105,7 @@ class ParityReport:
         lines = ["# Parity report", "", f"Verdict: **{'PASS' if self.passed else 'FAIL'}**", "",
                  "Reference: transformers float32 on the same (sliced) checkpoint. KL is KL(reference ‖ artifact) "
                  "in nats, averaged over positions.", ""]
-        lines += ["| artifact | runtime | prompt | mode | tokens | max abs Δlogit | mean KL | top-1 | greedy match | result |",
+        lines += ["| artifact | runtime | prompt | mode | prompt tokens | max abs Δlogit | mean KL | top-1 | greedy match | result |",
                   "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         for c in self.cases:
@@ -114,7 +114,7 @@ class ParityReport:
                 f"{fmt(c.mean_kl, '.3g')} | {fmt(c.top1, '.3f')} | {fmt(c.greedy_match, '.3f')} | "
                 f"{'pass' if c.passed else 'FAIL: ' + '; '.join(c.failures)} |"
             )
-        lines += ["", "Bars by precision class:", ""]
+        lines += ["", "Bars by precision class (a metric without a bar is reported, not checked):", ""]
         for precision, bars in self.bars.items():
             lines.append(f"- {precision}: " + ", ".join(f"{k} {v}" for k, v in bars.items() if v is not None))
         return "\n".join(lines) + "\n"

@@ -32,8 +32,11 @@ def print_export_summary(result) -> None:
                       f"{result.out}` to check it", highlight=False)
         return
     verdicts = Table(title="Parity against the float32 reference", show_edge=False)
-    for col in ("artifact / runtime", "precision", "max |Δlogit|", "max mean KL", "min top-1", "min greedy match", "verdict"):
-        verdicts.add_column(col, justify="left" if col in ("artifact / runtime", "precision", "verdict") else "right")
+    # Artifact names wrap instead of being cut, because on an 80-column terminal the ellipsis made `onnx/onn…` and
+    # `ort/onnx…` look alike.
+    verdicts.add_column("artifact / runtime", overflow="fold")
+    for col in ("precision", "max |Δlogit|", "max mean KL", "min top-1", "min greedy match", "verdict"):
+        verdicts.add_column(col, justify="left" if col in ("precision", "verdict") else "right")
     for name, entry in parity["artifacts"].items():
         verdicts.add_row(
             name, str(entry["precision"]), f"{entry['max_abs_logit']:.3g}", f"{entry['max_mean_kl']:.3g}",

@@ -25,8 +25,9 @@ def speed_table(report: dict[str, Any]) -> Table:
         title=f"speed: prompt {settings['prompt_len']} + decode {settings['gen_len']} tokens, "
               f"threads {settings['threads'] or 'default'}, {machine['cpu']} ({machine['cores']} cores)",
     )
-    for column in ("artifact", "load s", "prefill tok/s", "decode tok/s", "bound tok/s", "load avg"):
-        table.add_column(column, justify="left" if column == "artifact" else "right")
+    table.add_column("artifact", overflow="fold")
+    for column in ("load s", "prefill tok/s", "decode tok/s", "bound tok/s", "load avg"):
+        table.add_column(column, justify="right")
     for record in report["results"]:
         bound = record.get("roofline", {}).get("decode_tokens_per_s_bound")
         table.add_row(
@@ -43,8 +44,10 @@ def speed_table(report: dict[str, Any]) -> Table:
 def memory_table(report: dict[str, Any]) -> Table:
     """Build the resident memory table of a `run_benchmarks` report: one row per artifact."""
     table = Table(title="resident memory (RSS)")
-    for column in ("artifact", "baseline", "peak", "steady", "anon", "file", "mapped files (resident)"):
-        table.add_column(column, justify="left" if column in ("artifact", "mapped files (resident)") else "right")
+    table.add_column("artifact", overflow="fold")
+    for column in ("baseline", "peak", "steady", "anon", "file"):
+        table.add_column(column, justify="right")
+    table.add_column("mapped files (resident)", overflow="fold")
     for record in report["results"]:
         rss = record["rss"]
         mapped = ", ".join(f"{name} {_mib(size)}" for name, size in record["file_mapping_rss"].items())

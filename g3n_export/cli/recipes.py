@@ -51,7 +51,7 @@ def recipes_command(model: ModelOpt = DEFAULT_MODEL, verbose: Verbose = False, q
         caption=f"Published: Google's numbers on the real E4B. Recipe files: {recipe_dir(SIZES)}; copy one and pass "
                 "its path to --size.",
     )
-    table.add_column("name", style="bold")
+    table.add_column("name", style="bold", no_wrap=True)
     table.add_column("layers")
     table.add_column("FFN widths")
     table.add_column("effective params", justify="right")

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx.version_converter
 import torch
 from torch import nn
 
@@ -239,6 +240,11 @@ def _peak_note() -> str:
     return f" (peak RSS {peak_rss_bytes() / 2**30:.2f} GiB)"
 
 
+# The TorchScript-based exporter writes opsets up to 20 and warns above that. Graphs are traced at 20 and converted
+# to the recipe's opset with ONNX's version converter.
+TRACER_MAX_OPSET = 20
+
+
 def export_float_graphs(source, out_dir: str | os.PathLike, *, opset: int = OnnxSpec.opset) -> Path:
     """Export both graphs in float32 to `out_dir`, optimized at ONNX Runtime's basic level, and return `out_dir`.
 
@@ -262,9 +268,9 @@ def export_float_graphs(source, out_dir: str | os.PathLike, *, opset: int = Onnx
         for graph_name, graph, export in graphs:
             raw_path = Path(raw) / f"{graph_name}.onnx"
             with torch.no_grad(), parameters_as_inputs(graph.eval()) as (traced, parameters):
-                dynamic_axes = export(traced, config, parameters, raw_path, opset)
+                dynamic_axes = export(traced, config, parameters, raw_path, min(opset, TRACER_MAX_OPSET))
             weights = {name: WeightSource(tensor_names[id(parameter)]) for name, parameter in parameters}
-            weights = _prepare_traced_graph(raw_path, weights, traced.output_shapes, dynamic_axes,
+            weights = _prepare_traced_graph(raw_path, weights, traced.output_shapes, dynamic_axes, opset,
                                             is_decoder=graph_name == DECODER_GRAPH)
             _optimize_basic(raw_path, out_dir / f"{graph_name}.onnx")
             write_weight_sources(out_dir / f"{graph_name}.weights.json", weights)
@@ -318,8 +324,11 @@ def _export_decoder(traced: nn.Module, config, parameters: list, path: Path, ops
 
 
 def _prepare_traced_graph(path: Path, weights: dict[str, WeightSource], output_shapes: list[tuple[int, ...]],
-                          dynamic_axes: dict, *, is_decoder: bool) -> dict[str, WeightSource]:
+                          dynamic_axes: dict, opset: int, *, is_decoder: bool) -> dict[str, WeightSource]:
     model = onnx.load(path)
+    if opset > TRACER_MAX_OPSET:
+        # The graph has no weights yet, so ONNX's version converter runs on a small model.
+        model = onnx.version_converter.convert_version(model, opset)
     weights = fold_weight_transposes(model, weights)
     # The exporter names an output dimension that its shape inference cannot resolve (per_layer_inputs' layer and
     # width dimensions become `Reshapeper_layer_inputs_dim_2`). Every dimension outside dynamic_axes is static, so it
@@ -471,8 +480,10 @@ def mobile_usability_report(*onnx_paths: Path) -> str:
     """Run ONNX Runtime's mobile usability check on each graph and return the combined output."""
     sections = []
     for path in onnx_paths:
-        command = [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", str(path)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # Run beside the file with its bare name: the export is written in a temporary folder that is renamed at the
+        # end, and the report would otherwise name that folder.
+        command = [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path.name]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=path.parent)
         if result.returncode != 0:
             raise RuntimeError(f"mobile usability check of {path.name} failed (exit {result.returncode}): "
                                f"{result.stderr[-2000:]}")

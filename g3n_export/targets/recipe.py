@@ -35,6 +35,9 @@ class ExecuTorchSpec:
     def precision(self) -> str:
         return _precision(self.linear, self.embedding, self.ple)
 
+    def describe(self) -> str:
+        return f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, PLE {self.ple}"
+
 
 @dataclass(frozen=True)
 class OnnxSpec:
@@ -50,6 +53,10 @@ class OnnxSpec:
     @property
     def precision(self) -> str:
         return _precision(self.linear, self.embedding, self.ple)
+
+    def describe(self) -> str:
+        return (f"linears {self.linear} (block {self.block_size}, accuracy level {self.accuracy_level}), "
+                f"token embedding {self.embedding}, PLE {self.ple}, opset {self.opset}")
 
 
 @dataclass(frozen=True)
