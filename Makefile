@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/g3n-export --size e2b --target android $(ARGS)
 
+# Test files run in parallel, one worker per core by default: the two ExecuTorch lowerings of the bundled model
+# (tests/test_pipeline.py and tests/test_executorch.py) take about 11 minutes each and then overlap.
+JOBS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) exports .pytest_cache

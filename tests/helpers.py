@@ -189,3 +189,34 @@ def sliced_checkpoint(path: Path, seed: int = 0) -> Path:
         if new_name is not None:
             sliced[new_name] = plan.slice_tensor(name, tensor).contiguous()
     return write_tiny_checkpoint(path, plan.config_dict(source_dict), weights=sliced)
+
+
+# The bundled trained model ---------------------------------------------------------------------------------------------
+
+def bundled_source(size: str | None = None):
+    """Open the bundled model, sliced by the size recipe `size` when given, and load its transformers reference.
+
+    Returns (source, reference). The model ships with the package, so a missing file is an error, not a skip.
+    """
+    from g3n_export.bundled import BUNDLED_MODEL
+    from g3n_export.checkpoint import open_checkpoint
+    from g3n_export.matformer import SlicedCheckpoint
+    from g3n_export.recipes import load_size_recipe
+    from g3n_export.validate import load_reference_model
+
+    assert (BUNDLED_MODEL / "config.json").is_file(), f"the bundled model is missing from {BUNDLED_MODEL}"
+    source = open_checkpoint(BUNDLED_MODEL)
+    if size is not None:
+        source = SlicedCheckpoint(source, load_size_recipe(size).plan(source.text_config))
+    return source, load_reference_model(source)
+
+
+def bundled_heldout_windows(count: int, seq_len: int = 128) -> list[list[int]]:
+    """Token ids of the bundled model's first `count` held-out windows, each `<bos>` and up to seq_len - 1 tokens."""
+    from g3n_export.bundled import BUNDLED_MODEL
+    from g3n_export.tokenizer import load_sentencepiece
+    from g3n_export.training.corpus import read_heldout
+    from g3n_export.training.evaluate import heldout_windows
+
+    texts = read_heldout((BUNDLED_MODEL / "heldout.json").read_text())
+    return heldout_windows(load_sentencepiece(BUNDLED_MODEL), texts, seq_len)[:count]

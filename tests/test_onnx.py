@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import LOGITS_ATOL, assert_logits_close
+from helpers import LOGITS_ATOL, assert_logits_close, bundled_heldout_windows, bundled_source
 
-from g3n_export.bundled import BUNDLED_MODEL
 from g3n_export.parity import compare_logits, reference_greedy
 from g3n_export.reference import reference_logits
 from g3n_export.runtime.onnx import (
@@ -457,18 +456,8 @@ HELDOUT_WINDOWS = 4  # windows of up to 128 tokens
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    if not (BUNDLED_MODEL / "config.json").is_file():
-        pytest.skip(f"the bundled model is not built yet ({BUNDLED_MODEL})")
-    from g3n_export.checkpoint import open_checkpoint
-    from g3n_export.reference import load_reference
-    from g3n_export.tokenizer import load_sentencepiece
-    from g3n_export.training.corpus import read_heldout
-    from g3n_export.training.evaluate import heldout_windows
-
-    checkpoint = open_checkpoint(BUNDLED_MODEL)
-    reference = load_reference(checkpoint)
-    texts = read_heldout((BUNDLED_MODEL / "heldout.json").read_text())
-    windows = heldout_windows(load_sentencepiece(BUNDLED_MODEL), texts, 128)[:HELDOUT_WINDOWS]
+    checkpoint, reference = bundled_source()
+    windows = bundled_heldout_windows(HELDOUT_WINDOWS)
     expected = [reference_logits(reference, torch.tensor([w])) for w in windows]
     graphs = export_float_graphs(checkpoint, tmp_path_factory.mktemp("bundled_float"))
     return checkpoint, windows, expected, graphs
