@@ -235,6 +235,9 @@ def test_cli_inspect_tiny(tiny):
     assert summary["total"] == sum(math.prod(i) for i in
                                    (s for s in (open_checkpoint(tiny).info(n).shape for n in open_checkpoint(tiny).tensors)))
     assert [row["kv"] for row in summary["layers"]][18:21] == ["own", "own", "reads 18"]
+    config = open_checkpoint(tiny).text_config
+    assert summary["altup_num_inputs"] == config.altup_num_inputs
+    assert summary["laurel_rank"] == config.laurel_rank
 
 
 def test_cli_errors_are_one_line(tiny, tmp_path):

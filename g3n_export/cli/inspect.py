@@ -30,6 +30,8 @@ def inspect_command(
             "text_params": s.text_params, "other_params": s.other_params,
             "text_total": s.text_total, "effective": s.effective, "total": s.total,
             "bytes_on_disk": s.bytes_on_disk, "dtypes": s.dtypes,
+            "altup_num_inputs": c.altup_num_inputs, "altup_active_idx": c.altup_active_idx,
+            "laurel_rank": c.laurel_rank,
         }))
         return
 
@@ -39,7 +41,8 @@ def inspect_command(
         f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads / "
         f"{c.num_key_value_heads} KV heads x {c.head_dim}, vocab {c.vocab_size:,} (PLE {c.vocab_size_per_layer_input:,} "
         f"x {c.num_hidden_layers} x {c.hidden_size_per_layer_input}), sliding window {c.sliding_window}, "
-        f"{len(c.kv_layers)} KV-owning layers, {c.num_kv_shared_layers} KV-shared",
+        f"{len(c.kv_layers)} KV-owning layers, {c.num_kv_shared_layers} KV-shared, AltUp {c.altup_num_inputs} streams "
+        f"(active {c.altup_active_idx}), LAuReL rank {c.laurel_rank}",
         highlight=False,
     )
 
