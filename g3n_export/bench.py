@@ -147,6 +147,16 @@ def _import_runtime(runtime: str) -> None:
         import onnxruntime  # noqa: F401
 
 
+def _file_sizes(folder: Path, files: tuple[str, ...] | list[str]) -> dict[str, int]:
+    # An ONNX graph's weights live in `<graph>.onnx.data` beside it, which the roofline must count.
+    sizes = {}
+    for name in files:
+        for candidate in (name, name + ".data"):
+            if (folder / candidate).is_file():
+                sizes[candidate] = (folder / candidate).stat().st_size
+    return sizes
+
+
 def measure_artifact(artifact: str, folder: Path, prompt_len: int, gen_len: int, threads: int | None,
                      seed: int) -> dict[str, Any]:
     """Measure one artifact in this process (meant to run in a fresh worker process). Returns the result record."""
@@ -191,7 +201,7 @@ def measure_artifact(artifact: str, folder: Path, prompt_len: int, gen_len: int,
     return {
         "artifact": artifact,
         "runtime": runtime,
-        "files": {f: (folder / f).stat().st_size for f in files},
+        "files": _file_sizes(folder, files),
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "threads": threads,
@@ -258,7 +268,7 @@ def measure_et_runner(runner: Path, folder: Path, prompt_len: int, gen_len: int,
     return {
         "artifact": "executorch-cpp",
         "runtime": f"executorch C++ Module, LoadMode {load_mode}",
-        "files": {f: (folder / f).stat().st_size for f in ARTIFACTS["executorch-cpp"][1]},
+        "files": _file_sizes(folder, ARTIFACTS["executorch-cpp"][1]),
         "prompt_len": prompt_len,
         "gen_len": gen_len,
         "threads": threads,

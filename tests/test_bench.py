@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from g3n_export.bench import bytes_per_decode_step, mapping_rss, measure_read_bandwidth
+from g3n_export.bench import _file_sizes, bytes_per_decode_step, mapping_rss, measure_read_bandwidth
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -110,3 +110,14 @@ def test_bytes_per_decode_step_excludes_tables():
 
 def test_read_bandwidth_is_positive():
     assert measure_read_bandwidth(threads=1, array_bytes=32 * 2**20, repeats=2) > 0
+
+
+def test_file_sizes_include_external_data(tmp_path):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "decoder.onnx").write_bytes(b"g" * 10)
+    (tmp_path / "onnx" / "decoder.onnx.data").write_bytes(b"w" * 1000)
+    (tmp_path / "onnx" / "embed.onnx").write_bytes(b"g" * 7)
+
+    sizes = _file_sizes(tmp_path, ("onnx/decoder.onnx", "onnx/embed.onnx"))
+
+    assert sizes == {"onnx/decoder.onnx": 10, "onnx/decoder.onnx.data": 1000, "onnx/embed.onnx": 7}
