@@ -21,6 +21,10 @@ from g3n_export.layout import TEXT_PREFIX, text_shapes
 # buffer or a static cache), and the per-layer norms and AltUp rescaling carry a few ulps of difference through the
 # layers. 1e-4 leaves room for that rounding, while a wrong formula moves logits by 1e-2 or more.
 LOGITS_ATOL = 1e-4
+# The 30-layer slice (`sliced_checkpoint`) carries rounding through the most layers. On an AMD EPYC with AVX-512, in
+# a chunked prefill, the reference's float32 logits differ from its float64 logits by 7.1e-5, ours by 4.2e-5, and the
+# two float32 results from each other by 1.1e-4. 2.5e-4 covers that rounding; a wrong formula moves them by 1e-2.
+SLICED_LOGITS_ATOL = 2.5e-4
 
 # Stand-ins for the vision/audio tensors of a multimodal checkpoint, which the text decoder must ignore.
 TOWER_TENSORS = {
@@ -173,7 +177,8 @@ def sliced_checkpoint(path: Path, seed: int = 0) -> Path:
 
     A 30-layer random model is numerically chaotic with sharp attention and 95 % sparsity over 32-64 FFN lanes: the
     reference's own float32 and float64 logits then differ by 2e-2. Softer attention (q/k norm weights x0.3) and
-    sparsity 0.6 bring that below 6e-5, so a float32 comparison at 1e-4 tests the formulas, not the rounding.
+    sparsity 0.6 bring that to about 7e-5, so a float32 comparison at `SLICED_LOGITS_ATOL` tests the formulas, not
+    the rounding.
     """
     from g3n_export.matformer import make_plan
 
