@@ -27,13 +27,17 @@ log = logging.getLogger(__name__)
 VALIDATION_TEXT = Path(__file__).parent / "data" / "validation.txt"
 HELDOUT_FILE = "heldout.json"  # {"paragraphs": [{"topic": ..., "text": ...}]}, shipped by the bundled model
 GREEDY_STEPS = 16
+# Prefill cases compare every position of prompts up to this length, and this many evenly spaced positions of longer
+# ones. A program that returns only the last position's logits needs one prefill per compared position.
+PREFILL_POSITIONS = 128
+LONG_PROMPT_POSITIONS = 32
 
 
 class ArtifactRunner(Protocol):
     """Runtime interface of validation: logits for a fresh sequence, fed at once or one token at a time."""
 
-    def prefill_logits(self, tokens: list[int]) -> torch.Tensor:
-        """Float32 logits `[T, V]` of a new sequence processed in one call."""
+    def prefill_logits(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Float32 logits `[P, V]` at `positions` of a new sequence processed in one call."""
 
     def stepwise_logits(self, tokens: list[int]) -> torch.Tensor:
         """Float32 logits `[T, V]` of a new sequence fed one token per call through the KV cache."""
@@ -187,6 +191,14 @@ def validation_prompts(stream: list[int], bos_id: int, sliding_window: int, max_
     return prompts
 
 
+def prefill_positions(length: int) -> list[int]:
+    """Positions a prefill case compares: all of them, or `LONG_PROMPT_POSITIONS` spread over a long prompt."""
+    if length <= PREFILL_POSITIONS:
+        return list(range(length))
+    count = LONG_PROMPT_POSITIONS
+    return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
+
+
 # Running ------------------------------------------------------------------------------------------------------------
 
 def _judge(case: CaseResult, bars: ParityBars) -> None:
@@ -241,8 +253,10 @@ def run_parity(
                 on_case(case)
 
         for prompt in prompts:
-            m = compare_logits(ref_logits[prompt.name], runner.prefill_logits(prompt.tokens))
-            record(CaseResult(artifact, runtime, prompt.name, "prefill", len(prompt.tokens),
+            positions = prefill_positions(len(prompt.tokens))
+            m = compare_logits(ref_logits[prompt.name][positions], runner.prefill_logits(prompt.tokens, positions))
+            mode = "prefill" if len(positions) == len(prompt.tokens) else f"prefill, {len(positions)} positions"
+            record(CaseResult(artifact, runtime, prompt.name, mode, len(prompt.tokens),
                               m.max_abs_logit, m.mean_kl, m.top1))
         m = compare_logits(ref_logits[stepwise_prompt.name], runner.stepwise_logits(stepwise_prompt.tokens))
         record(CaseResult(artifact, runtime, stepwise_prompt.name, "token by token", len(stepwise_prompt.tokens),

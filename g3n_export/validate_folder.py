@@ -31,8 +31,8 @@ class ExecuTorchAdapter:
 
         self.runner = ExecuTorchRunner(folder / "executorch" / "model.pte", folder / "executorch" / "ple.ptd")
 
-    def prefill_logits(self, tokens: list[int]) -> torch.Tensor:
-        return self.runner.logits(tokens)[0].float()
+    def prefill_logits(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        return self.runner.prefill_logits(tokens, positions)[0].float()
 
     def stepwise_logits(self, tokens: list[int]) -> torch.Tensor:
         return self.runner.logits(tokens, chunk_sizes=[1] * len(tokens))[0].float()
@@ -47,9 +47,9 @@ class OnnxAdapter:
 
         self.generator = OnnxGenerator(folder / "onnx", prefer_ort=prefer_ort)
 
-    def prefill_logits(self, tokens: list[int]) -> torch.Tensor:
+    def prefill_logits(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         logits, _ = self.generator.logits(tokens)
-        return torch.from_numpy(np.asarray(logits[0], dtype=np.float32))
+        return torch.from_numpy(np.asarray(logits[0, positions], dtype=np.float32))
 
     def stepwise_logits(self, tokens: list[int]) -> torch.Tensor:
         rows, past = [], None

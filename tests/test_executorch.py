@@ -8,6 +8,7 @@ trained model, because a random model's near-tied logits show little of the quan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -119,11 +120,20 @@ def tokens_for(length: int, seed: int) -> torch.Tensor:
 # Float program -------------------------------------------------------------------------------------------------------
 
 
+def test_program_returns_last_position_only(float_runner, float_export):
+    """The default program plans a `[1, 1, V]` logits buffer and returns the last position of a multi-token call."""
+    sizes = float_runner.module.method_meta("forward").output_tensor_meta(0).sizes()
+    assert list(sizes) == [1, 1, float_runner.vocab_size]
+    assert not float_runner.all_logits
+    assert float_runner.forward(tokens_for(5, seed=1), 0).shape == (1, 1, float_runner.vocab_size)
+
+
 @pytest.mark.parametrize("length", [1, SLIDING_WINDOW + 1, 3 * SLIDING_WINDOW + 2, MAX_SEQ_LEN])
 def test_float_prefill_matches_reference(tiny4, float_runner, length):
+    # One prefill call per position, on the prefix that ends there: the program returns the last position only.
     tokens = tokens_for(length, seed=length)
     expected = reference_logits(tiny4[1], tokens)
-    assert_logits_close(float_runner.logits(tokens), expected, f"prefill T={length}", atol=FLOAT_ATOL)
+    assert_logits_close(float_runner.prefill_logits(tokens), expected, f"prefill T={length}", atol=FLOAT_ATOL)
 
 
 def test_float_token_by_token_matches_reference(tiny4, float_runner):
@@ -137,7 +147,19 @@ def test_float_chunked_prefill_matches_reference(tiny4, float_runner):
     sizes = [5, 1, 9, 2, 6]
     tokens = tokens_for(sum(sizes), seed=12)
     expected = reference_logits(tiny4[1], tokens)
-    assert_logits_close(float_runner.logits(tokens, chunk_sizes=sizes), expected, f"chunks {sizes}", atol=FLOAT_ATOL)
+    chunk_ends = [sum(sizes[:i + 1]) - 1 for i in range(len(sizes))]
+    actual = float_runner.logits(tokens, chunk_sizes=sizes)
+    assert_logits_close(actual, expected[:, chunk_ends], f"chunks {sizes}", atol=FLOAT_ATOL)
+
+
+def test_all_logits_program_matches_reference(tiny4, tmp_path):
+    """With `logits = "all"` one prefill call returns every position's logits."""
+    result = _export(tiny4[0], dataclasses.replace(FLOAT, logits="all"), tmp_path)
+    runner = ExecuTorchRunner(result.pte_path, result.ptd_path)
+    tokens = tokens_for(3 * SLIDING_WINDOW + 2, seed=13)
+    assert runner.all_logits
+    assert_logits_close(runner.logits(tokens), reference_logits(tiny4[1], tokens), "all-logits prefill",
+                        atol=FLOAT_ATOL)
 
 
 def test_runner_metadata(tiny4, float_runner):
@@ -187,7 +209,8 @@ def test_quantized_heldout_fidelity(bundled_e2b, heldout_windows, quantized_expo
     runner = ExecuTorchRunner(result.pte_path, result.ptd_path)
     windows = [torch.tensor([window]) for window in heldout_windows]
     reference = torch.cat([reference_logits(bundled_e2b[1], window) for window in windows], dim=1)
-    actual = torch.cat([runner.logits(window) for window in windows], dim=1)
+    # Token by token, because the program returns the last position's logits of each call.
+    actual = torch.cat([runner.logits(window, chunk_sizes=[1] * window.shape[1]) for window in windows], dim=1)
     metrics = compare_logits(reference, actual)
     min_top1, max_kl = BUNDLED_BARS[precision]
     print(f"{precision} bundled e2b: top-1 {metrics.top1:.4f}, mean KL {metrics.mean_kl:.5f}, "

@@ -120,3 +120,13 @@ def test_functional_kv_matches_reference(tiny, models):
             assert v.shape == k.shape
     assert len(past_keys) == len(tiny.config.kv_layers)
     assert_logits_close(torch.cat(outputs, dim=1), expected, f"{tiny.name} functional past/present {sizes}", atol=tiny.atol)
+
+
+def test_logits_to_keep_returns_the_last_positions(tiny):
+    tokens = random_tokens(2 * tiny.config.sliding_window + 1, seed=21)
+    full = Gemma3nDecoder.from_checkpoint(tiny.checkpoint, max_seq_len=MAX_SEQ_LEN)(tokens, torch.tensor([0]))
+    last = Gemma3nDecoder.from_checkpoint(tiny.checkpoint, max_seq_len=MAX_SEQ_LEN)
+    last.logits_to_keep = 3
+    kept = last(tokens, torch.tensor([0]))
+    assert kept.shape == (1, 3, full.shape[-1])
+    torch.testing.assert_close(kept, full[:, -3:], rtol=0, atol=1e-6)

@@ -64,14 +64,16 @@ class DecoderStack(nn.Module):
         per_layer_tokens: torch.Tensor,
         positions: torch.Tensor,
         kv: KVStrategy,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """Return float32 logits `[B, T, V]`.
+        """Return float32 logits `[B, T, V]`, or `[B, K, V]` for the last K positions when `logits_to_keep` is K > 0.
 
         Args:
             inputs_embeds: `[B, T, d]`, the scaled token embedding (`Embedder`).
             per_layer_tokens: `[B, T, L, P]`, the token part of the per-layer inputs (`PerLayerEmbedding`).
             positions: int64 `[T]`, absolute positions of the T tokens.
             kv: the KV storage strategy (`StaticKVCache` or `FunctionalKV`).
+            logits_to_keep: 0 for every position, as transformers' argument of the same name.
         """
         config = self.config
         per_layer_inputs = self.project_per_layer_inputs(inputs_embeds, per_layer_tokens)  # shape: [B, T, L, P]
@@ -89,6 +91,9 @@ class DecoderStack(nn.Module):
             if producer is None:
                 produced[i] = key_values
 
+        if logits_to_keep > 0:
+            # Everything after the last layer is per position, so the other positions can be dropped here.
+            streams = [stream[:, -logits_to_keep:] for stream in streams]
         hidden = self.norm(self.merge_streams(streams))  # shape: [B, T, d]
         return self.softcap(self.lm_head(hidden))
 
@@ -145,6 +150,9 @@ class Gemma3nDecoder(nn.Module):
         max_seq_len: number of positions the KV cache holds. Every call needs `input_pos + T <= max_seq_len`.
         max_batch_size: batch size of every call.
         dtype: dtype of the KV cache buffers, which should match the weights (`from_checkpoint` sets both).
+        logits_to_keep: return logits for the last this many positions of each call, or for every position when 0.
+            A generation loop needs only the last one, and a program with a static memory plan then holds a `[1, V]`
+            output buffer instead of `[max_seq_len, V]` (about 1 GB at Gemma 3n's vocabulary and 1,024 positions).
 
     Attributes:
         embedder: token ids -> (inputs_embeds, per_layer_tokens). `embedder.per_layer_embedding` owns the PLE table.
@@ -153,13 +161,22 @@ class Gemma3nDecoder(nn.Module):
     """
 
     def __init__(
-        self, config: TextConfig, max_seq_len: int, *, max_batch_size: int = 1, dtype: torch.dtype = torch.float32
+        self,
+        config: TextConfig,
+        max_seq_len: int,
+        *,
+        max_batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        logits_to_keep: int = 0,
     ) -> None:
         super().__init__()
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be 0 (every position) or positive, got {logits_to_keep}")
         self.config = config
         self.max_seq_len = max_seq_len
+        self.logits_to_keep = logits_to_keep
         self.embedder = Embedder(config)
         self.stack = DecoderStack(config)
         self.stack.lm_head.weight = self.embedder.token_embedding.weight
@@ -169,12 +186,13 @@ class Gemma3nDecoder(nn.Module):
         """Return float32 logits `[B, T, V]` for int64 `tokens` `[B, T]` starting at int64 `input_pos` `[1]`.
 
         Prefill passes the prompt with `input_pos = [0]`, or a chunk at its start position. Decode passes one token.
+        With `logits_to_keep` K > 0 the logits are those of the last min(K, T) positions.
         """
         if not torch.compiler.is_compiling():
             self._validate_inputs(tokens, input_pos)
         positions = input_pos + torch.arange(tokens.shape[1], device=tokens.device)  # shape: [T]
         inputs_embeds, per_layer_tokens = self.embedder(tokens)
-        return self.stack(inputs_embeds, per_layer_tokens, positions, self.kv_cache)
+        return self.stack(inputs_embeds, per_layer_tokens, positions, self.kv_cache, self.logits_to_keep)
 
     def functional(self) -> FunctionalKVDecoder:
         """Return the past/present variant over the same weights (it does not use `kv_cache`)."""

@@ -51,6 +51,9 @@ class ExecuTorchRunner:
 
     def __init__(self, pte_path: str | Path, ptd_path: str | Path | None = None) -> None:
         self.module = load_program_module(pte_path, ptd_path)
+        # The logits output is planned for the largest call: [1, max_seq_len, V] when the program returns every
+        # position, [1, 1, V] when it returns only the last.
+        self.all_logits = int(self.module.method_meta("forward").output_tensor_meta(0).sizes()[1]) > 1
         self.metadata = {name: self._constant(name) for name in METADATA_METHODS}
         self.max_seq_len = int(self.metadata["get_max_seq_len"])
         self.vocab_size = int(self.metadata["get_vocab_size"])
@@ -63,7 +66,10 @@ class ExecuTorchRunner:
         return outputs[0] if len(outputs) == 1 else list(outputs)
 
     def forward(self, tokens: torch.Tensor, input_pos: int) -> torch.Tensor:
-        """Return float32 logits `[1, T, V]` for int64 `tokens` `[1, T]` at positions `input_pos ..`.
+        """Return float32 logits for int64 `tokens` `[1, T]` at positions `input_pos ..`.
+
+        The logits are `[1, T, V]` when the program returns every position (`all_logits`), else `[1, 1, V]` for the
+        last token.
 
         Raises:
             ValueError: the tokens do not fit the program's `max_seq_len`.
@@ -78,7 +84,11 @@ class ExecuTorchRunner:
         return logits
 
     def logits(self, tokens: Sequence[int] | torch.Tensor, *, chunk_sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """Return logits `[1, T, V]` of a whole sequence from position 0, in one call or in the given chunks."""
+        """Return the logits of a sequence fed from position 0 in one call or in the given chunks.
+
+        The result is `[1, T, V]` for a program that returns every position. For one that returns only the last,
+        it is `[1, C, V]`: the last position of each of the C chunks (`chunk_sizes=[1] * T` gives every position).
+        """
         tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
         sizes = list(chunk_sizes) if chunk_sizes is not None else [tokens.shape[1]]
         if sum(sizes) != tokens.shape[1]:
@@ -88,6 +98,20 @@ class ExecuTorchRunner:
             outputs.append(self.forward(tokens[:, start:start + size], start))
             start += size
         return torch.cat(outputs, dim=1)
+
+    def prefill_logits(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """Return logits `[1, P, V]` at `positions` (default: all) of a sequence processed in one call from position 0.
+
+        A program that returns only the last position runs one prefill per requested position, each on the prefix
+        that ends there, so every row still comes from a one-call prefill.
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
+        positions = list(range(tokens.shape[1])) if positions is None else list(positions)
+        if any(not 0 <= p < tokens.shape[1] for p in positions):
+            raise ValueError(f"positions {positions} must lie in 0..{tokens.shape[1] - 1}")
+        if self.all_logits:
+            return self.forward(tokens, 0)[:, positions]
+        return torch.cat([self.forward(tokens[:, :p + 1], 0) for p in positions], dim=1)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True) -> list[int]:
         """Greedy continuation of `prompt` (ids, BOS included if wanted): prefill in one call, then one token a step.

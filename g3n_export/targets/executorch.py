@@ -24,7 +24,10 @@ Tensor groups and their quantization (`ExecuTorchSpec`):
   those pages resident.
 
 The program follows the contract ExecuTorch's LLM runner expects: `forward(tokens int64[1, T], input_pos int64[1])`
-returns float32 logits `[1, T, V]`, and constant methods give the runner its metadata (`RUNNER_METADATA`).
+returns float32 logits, and constant methods give the runner its metadata (`RUNNER_METADATA`). The logits are those
+of the last position, `[1, 1, V]`, unless the spec asks for every position (`[1, T, V]`). The runner reads only the
+last row either way, and ExecuTorch's memory plan sizes every buffer for the largest T, so full logits would hold
+max_seq_len x V floats in memory for the program's lifetime.
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ def build_decoder(
     config: TextConfig = source.text_config
     _check_spec(spec, config)
     with torch.device("meta"):
-        model = Gemma3nDecoder(config, max_seq_len)
+        model = Gemma3nDecoder(config, max_seq_len, logits_to_keep=1 if spec.logits == "last" else 0)
     mapping = hf_name_map(config)
     expected = text_shapes(config, include_unused_kv=False)
     fallback: set[str] = set()
@@ -231,10 +234,12 @@ def build_decoder(
 
 def _check_spec(spec: ExecuTorchSpec, config: TextConfig) -> None:
     from g3n_export.quantize import check_group_size
-    from g3n_export.targets.recipe import ET_LINEAR, TABLE_QUANT
+    from g3n_export.targets.recipe import ET_LINEAR, ET_LOGITS, TABLE_QUANT
 
     if spec.linear not in ET_LINEAR:
         raise ValueError(f"executorch linear scheme {spec.linear!r} is not one of {', '.join(ET_LINEAR)}")
+    if spec.logits not in ET_LOGITS:
+        raise ValueError(f"executorch logits {spec.logits!r} is not one of {', '.join(ET_LOGITS)}")
     for name, value in (("embedding", spec.embedding), ("ple", spec.ple)):
         if value not in TABLE_QUANT:
             raise ValueError(f"executorch {name} scheme {value!r} is not one of {', '.join(TABLE_QUANT)}")

@@ -16,6 +16,7 @@ from g3n_export.recipes import read_recipe_toml, resolve_recipe_path
 
 FORMATS = ("pte", "onnx", "ort")
 ET_LINEAR = ("fp32", "8da8w", "8da4w")
+ET_LOGITS = ("last", "all")
 ONNX_LINEAR = ("fp32", "int8", "int4")
 TABLE_QUANT = ("fp32", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -30,13 +31,17 @@ class ExecuTorchSpec:
     group_size: int = 32
     embedding: str = "int8"  # token embedding and the tied LM head
     ple: str = "int4"  # PLE table, per-row, stored in ple.ptd
+    # "last": forward returns the logits of the last position of each call, all a generation loop reads; "all": of
+    # every position, for scoring whole sequences, at the cost of a max_seq_len x vocab output buffer.
+    logits: str = "last"
 
     @property
     def precision(self) -> str:
         return _precision(self.linear, self.embedding, self.ple)
 
     def describe(self) -> str:
-        return f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, PLE {self.ple}"
+        return (f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, PLE {self.ple}, "
+                "logits of " + ("every position" if self.logits == "all" else "the last position"))
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ def parse_target_recipe(data: dict[str, Any], path: Path | None = None) -> Targe
     def check_keys(table: dict[str, Any], allowed: set[str], prefix: str) -> None:
         for key in table:
             if key not in allowed:
-                errors.append(f"unknown field {prefix}{key!r} (allowed: {', '.join(sorted(allowed))})")
+                errors.append(f"unknown field {prefix + key!r} (allowed: {', '.join(sorted(allowed))})")
 
     check_keys(data, {"name", "description", "formats", "max_seq_len", "executorch", "onnx", "validation"}, "")
     name = data.get("name", path.stem if path else "")
@@ -152,6 +157,7 @@ def parse_target_recipe(data: dict[str, Any], path: Path | None = None) -> Targe
     _check_choice(errors, "executorch.group_size", et.group_size, GROUP_SIZES)
     _check_choice(errors, "executorch.embedding", et.embedding, TABLE_QUANT)
     _check_choice(errors, "executorch.ple", et.ple, TABLE_QUANT)
+    _check_choice(errors, "executorch.logits", et.logits, ET_LOGITS)
 
     onnx_data = data.get("onnx", {})
     check_keys(onnx_data, {f.name for f in dataclasses.fields(OnnxSpec)}, "onnx.")
