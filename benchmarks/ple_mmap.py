@@ -17,6 +17,7 @@ the work folder, so a second run only re-measures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,7 +43,7 @@ def make_checkpoint(path: Path) -> None:
     write_tiny_checkpoint(path, config, seed=0)
 
 
-def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inline: bool) -> None:
+def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inline: bool, logits: str = "last") -> None:
     """Export `model.pte` (+ `ple.ptd` unless `inline`) with the android recipe's ExecuTorch quantization."""
     if (out / "model.pte").is_file():
         return
@@ -55,7 +56,7 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     from g3n_export.targets.xnnpack_partition import xnnpack_partitioners
 
     source = open_checkpoint(str(checkpoint))
-    spec = load_target_recipe("android").executorch
+    spec = dataclasses.replace(load_target_recipe("android").executorch, logits=logits)
     config = source.text_config
     eos_ids = list(config.eos_token_ids)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,12 +103,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sample-every", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--logits", choices=("last", "all"), default="last",
+                        help="positions whose logits forward returns (the recipe field executorch.logits)")
     args = parser.parse_args()
 
     checkpoint, android, inline = args.work / "checkpoint", args.work / "android", args.work / "inline"
     make_checkpoint(checkpoint)
-    export_program_files(checkpoint, android / "executorch", args.max_seq_len, inline=False)
-    export_program_files(checkpoint, inline, args.max_seq_len, inline=True)
+    export_program_files(checkpoint, android / "executorch", args.max_seq_len, inline=False, logits=args.logits)
+    export_program_files(checkpoint, inline, args.max_seq_len, inline=True, logits=args.logits)
     inline_pte = inline / "model.pte"
 
     vocab = PLE_ROWS

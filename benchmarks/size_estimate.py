@@ -7,7 +7,8 @@ Bytes per weight of each scheme (values plus scales and zero points, no containe
 
 * ExecuTorch `8da4w`, group 32: 4-bit values and one float32 scale per group, 0.5 + 4/32 bytes.
 * ExecuTorch int8 / int4 tables: values plus one float32 scale per row (token embedding) or per row and decoder layer
-  (PLE table). The LM head is an untied `8da4w` linear over the token embedding's shape.
+  (PLE table). The LM head is an untied linear over the token embedding's shape, `8da8w` (int8 with a float32
+  scale per row) because the recipe's token embedding is int8.
 * ONNX `MatMulNBits` int4, block 32, asymmetric: 0.5 + 4/32 (float32 scale) + 0.5/32 (4-bit zero point) bytes.
   The LM head is one of these linears.
 * ONNX `GatherBlockQuantized`, block 32, asymmetric: int8 1 + 4/32 + 1/32 bytes, int4 0.5 + 4/32 + 0.5/32 bytes.
@@ -60,7 +61,8 @@ def estimate(config: TextConfig) -> dict[str, dict[str, float]]:
     return {
         "executorch/model.pte": {
             "linears (8da4w)": groups["linears"] * INT4_ET,
-            "lm_head (8da4w)": lm_head * INT4_ET,
+            # The recipe's int8 token embedding makes the untied LM head 8da8w: int8 with a float32 scale per row.
+            "lm_head (8da8w)": lm_head + vocab * 4,
             "token embedding (int8 per row)": groups["token_embedding"] + vocab * 4,
             "float weights": groups["float"] * 4,
         },
