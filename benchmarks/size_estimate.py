@@ -7,8 +7,8 @@ Bytes per weight of each scheme (values plus scales and zero points, no containe
 
 * ExecuTorch `8da4w`, group 32: 4-bit values and one float32 scale per group, 0.5 + 4/32 bytes.
 * ExecuTorch int8 / int4 tables: values plus one float32 scale per row (token embedding) or per row and decoder layer
-  (PLE table). The LM head is an untied linear over the token embedding's shape, `8da8w` (int8 with a float32
-  scale per row) because the recipe's token embedding is int8.
+  (PLE table). The LM head is an untied linear over the token embedding's shape in the recipe's `lm_head` scheme
+  (`8da8w`: int8 with a float32 scale per row).
 * ONNX `MatMulNBits` int4, block 32, asymmetric: 0.5 + 4/32 (float32 scale) + 0.5/32 (4-bit zero point) bytes.
   The LM head is one of these linears.
 * ONNX `GatherBlockQuantized`, block 32, asymmetric: int8 1 + 4/32 + 1/32 bytes, int4 0.5 + 4/32 + 0.5/32 bytes.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from g3n_export.config import TextConfig
 from g3n_export.layout import text_shapes
+from g3n_export.targets.recipe import load_target_recipe
 
 INT4_ET = 0.5 + 4 / 32
 INT4_ONNX = 0.5 + 4 / 32 + 0.5 / 32
@@ -58,11 +59,11 @@ def estimate(config: TextConfig) -> dict[str, dict[str, float]]:
     vocab, hidden = config.vocab_size, config.hidden_size
     ple_rows, layers = config.vocab_size_per_layer_input, config.num_hidden_layers
     lm_head = vocab * hidden
+    head = load_target_recipe("android").executorch.lm_head
     return {
         "executorch/model.pte": {
             "linears (8da4w)": groups["linears"] * INT4_ET,
-            # The recipe's int8 token embedding makes the untied LM head 8da8w: int8 with a float32 scale per row.
-            "lm_head (8da8w)": lm_head + vocab * 4,
+            f"lm_head ({head})": lm_head * INT4_ET if head == "8da4w" else lm_head + vocab * 4,
             "token embedding (int8 per row)": groups["token_embedding"] + vocab * 4,
             "float weights": groups["float"] * 4,
         },

@@ -46,7 +46,7 @@ FLOAT = ExecuTorchSpec(linear="fp32", group_size=32, embedding="fp32", ple="fp32
 # program (8da4w linears, int8 token embedding, int4 PLE table), which the CLI exports there.
 BUNDLED_SEQ_LEN = 128
 BUNDLED_SPECS = {
-    "int8": ExecuTorchSpec(linear="8da8w", group_size=32, embedding="int8", ple="int8"),
+    "int8": ExecuTorchSpec(linear="8da8w", group_size=32, embedding="int8", ple="int8", lm_head="8da8w"),
 }
 HELDOUT_WINDOWS = 4  # windows of up to BUNDLED_SEQ_LEN held-out tokens
 # (min top-1 agreement, max mean KL in nats) against transformers float32 on the held-out windows. Measured: top-1

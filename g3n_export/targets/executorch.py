@@ -17,8 +17,9 @@ Tensor groups and their quantization (`ExecuTorchSpec`):
   float.
 * token embedding: int8 per row, or int4 in groups of the spec's group size, gathered with
   `quantized_decomposed::embedding_byte` / `embedding_4bit`.
-* LM head: tied to the token embedding in float. Quantized, it is untied into its own linear (`8da8w` for int8,
-  `8da4w` for int4) because XNNPACK packs a linear's weight into its delegate, where the gather cannot read it.
+* LM head: tied to the token embedding in float. With a quantized embedding it is untied into its own linear of the
+  spec's `lm_head` scheme (`8da4w` or `8da8w`), because XNNPACK packs a linear's weight into its delegate, where the
+  gather cannot read it.
 * PLE table: int8 or int4 with one scale per row and decoder layer (groups of `hidden_size_per_layer_input`), gathered
   by the same kernels. Only the rows of the input tokens are read, so a runtime that memory-maps `ple.ptd` keeps only
   those pages resident.
@@ -234,10 +235,12 @@ def build_decoder(
 
 def _check_spec(spec: ExecuTorchSpec, config: TextConfig) -> None:
     from g3n_export.quantize import check_group_size
-    from g3n_export.targets.recipe import ET_LINEAR, ET_LOGITS, TABLE_QUANT
+    from g3n_export.targets.recipe import ET_LINEAR, ET_LM_HEAD, ET_LOGITS, TABLE_QUANT
 
     if spec.linear not in ET_LINEAR:
         raise ValueError(f"executorch linear scheme {spec.linear!r} is not one of {', '.join(ET_LINEAR)}")
+    if spec.lm_head not in ET_LM_HEAD:
+        raise ValueError(f"executorch LM head scheme {spec.lm_head!r} is not one of {', '.join(ET_LM_HEAD)}")
     if spec.logits not in ET_LOGITS:
         raise ValueError(f"executorch logits {spec.logits!r} is not one of {', '.join(ET_LOGITS)}")
     for name, value in (("embedding", spec.embedding), ("ple", spec.ple)):
@@ -259,7 +262,7 @@ def _token_group_size(spec: ExecuTorchSpec, config: TextConfig) -> int:
 def _lm_head_scheme(spec: ExecuTorchSpec) -> str:
     if spec.embedding == "fp32":
         return "fp32, tied to embed_tokens"
-    if spec.embedding == "int8":
+    if spec.lm_head == "8da8w":
         return "8da8w (untied copy of embed_tokens)"
     return f"8da4w group size {spec.group_size} (untied copy of embed_tokens)"
 
@@ -289,8 +292,7 @@ def _load_token_embedding(model: Gemma3nDecoder, tensor: torch.Tensor, spec: Exe
     model.embedder.token_embedding = QuantizedTokenEmbedding(quantize_table(weight, bits, _token_group_size(spec, config)))
     lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     lm_head.weight = nn.Parameter(weight, requires_grad=False)
-    scheme = "8da8w" if spec.embedding == "int8" else "8da4w"
-    if quantize_linear(lm_head, scheme, spec.group_size) != scheme:
+    if quantize_linear(lm_head, spec.lm_head, spec.group_size) != spec.lm_head:
         fallback.add("stack.lm_head")
     model.stack.lm_head = lm_head
 

@@ -17,6 +17,7 @@ from g3n_export.recipes import read_recipe_toml, resolve_recipe_path
 FORMATS = ("pte", "onnx", "ort")
 ET_LINEAR = ("fp32", "8da8w", "8da4w")
 ET_LOGITS = ("last", "all")
+ET_LM_HEAD = ("8da4w", "8da8w")
 ONNX_LINEAR = ("fp32", "int8", "int4")
 TABLE_QUANT = ("fp32", "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -31,16 +32,21 @@ class ExecuTorchSpec:
     group_size: int = 32
     embedding: str = "int8"  # token embedding and the tied LM head
     ple: str = "int4"  # PLE table, per-row, stored in ple.ptd
+    # A quantized token embedding is gathered outside XNNPACK, which packs a linear's weight into its own layout, so
+    # the LM head becomes an untied linear of its own scheme. With a float embedding the head stays tied and float.
+    lm_head: str = "8da4w"
     # "last": forward returns the logits of the last position of each call, all a generation loop reads; "all": of
     # every position, for scoring whole sequences, at the cost of a max_seq_len x vocab output buffer.
     logits: str = "last"
 
     @property
     def precision(self) -> str:
-        return _precision(self.linear, self.embedding, self.ple)
+        return _precision(self.linear, self.embedding, self.ple, *(() if self.embedding == "fp32" else (self.lm_head,)))
 
     def describe(self) -> str:
-        return (f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, PLE {self.ple}, "
+        head = "tied" if self.embedding == "fp32" else self.lm_head
+        return (f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, LM head {head}, "
+                f"PLE {self.ple}, "
                 "logits of " + ("every position" if self.logits == "all" else "the last position"))
 
 
@@ -92,7 +98,8 @@ class TargetRecipe:
         if quant not in PRECISIONS:
             raise RecipeError(f"invalid --quant {quant!r}; choose one of {', '.join(PRECISIONS)}")
         et_linear = {"fp32": "fp32", "int8": "8da8w", "int4": "8da4w"}[quant]
-        et = dataclasses.replace(self.executorch, linear=et_linear, embedding=quant, ple=quant)
+        et = dataclasses.replace(self.executorch, linear=et_linear, embedding=quant, ple=quant,
+                                 lm_head=self.executorch.lm_head if quant == "fp32" else et_linear)
         onnx = dataclasses.replace(self.onnx, linear=quant, embedding=quant, ple=quant)
         return dataclasses.replace(self, executorch=et, onnx=onnx)
 
@@ -158,6 +165,7 @@ def parse_target_recipe(data: dict[str, Any], path: Path | None = None) -> Targe
     _check_choice(errors, "executorch.embedding", et.embedding, TABLE_QUANT)
     _check_choice(errors, "executorch.ple", et.ple, TABLE_QUANT)
     _check_choice(errors, "executorch.logits", et.logits, ET_LOGITS)
+    _check_choice(errors, "executorch.lm_head", et.lm_head, ET_LM_HEAD)
 
     onnx_data = data.get("onnx", {})
     check_keys(onnx_data, {f.name for f in dataclasses.fields(OnnxSpec)}, "onnx.")
