@@ -13,9 +13,14 @@ from g3n_export.bundled import BUNDLED_MODEL
 from g3n_export.manifest import read_manifest, sha256_file
 
 
+# A guard against a hung command, not a speed check: the android export takes about 13 minutes alone on 2 cores, and
+# ran past 30 minutes while a real-dimension export and the other test worker shared the cores.
+CLI_TIMEOUT_S = 3600
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "g3n_export", *args], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "COLUMNS": "200"}, timeout=1800)
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"}, timeout=CLI_TIMEOUT_S)
 
 
 # Every format of the android recipe: ExecuTorch (8da4w, about 11 minutes of XNNPACK lowering on 2 cores) and ONNX
