@@ -35,8 +35,8 @@ class ExecuTorchSpec:
     # A quantized token embedding is gathered outside XNNPACK, which packs a linear's weight into its own layout, so
     # the LM head becomes an untied linear of its own scheme. With a float embedding the head stays tied and float.
     lm_head: str = "8da4w"
-    # "last": forward returns the logits of the last position of each call, all a generation loop reads; "all": of
-    # every position, for scoring whole sequences, at the cost of a max_seq_len x vocab output buffer.
+    # Positions whose logits forward returns. "last" is all a generation loop reads. "all" suits scoring whole
+    # sequences but costs an output buffer of max_seq_len x vocab floats.
     logits: str = "last"
 
     @property
