@@ -21,7 +21,7 @@ from g3n_export.layout import TEXT_PREFIX, text_shapes
 # buffer or a static cache), and the per-layer norms and AltUp rescaling carry a few ulps of difference through the
 # layers. 1e-4 leaves room for that rounding, while a wrong formula moves logits by 1e-2 or more.
 LOGITS_ATOL = 1e-4
-# The 30-layer slice (`sliced_checkpoint`) carries rounding through the most layers. On an AMD EPYC with AVX-512, in
+# The 30-layer slice (`sliced_checkpoint`) carries rounding through the most layers. On an Intel Xeon with AVX-512, in
 # a chunked prefill, the reference's float32 logits differ from its float64 logits by 7.1e-5, ours by 4.2e-5, and the
 # two float32 results from each other by 1.1e-4. 2.5e-4 covers that rounding; a wrong formula moves them by 1e-2.
 SLICED_LOGITS_ATOL = 2.5e-4
