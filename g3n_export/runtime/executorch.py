@@ -3,8 +3,9 @@
 It calls the program the way ExecuTorch's LLM runner does (`forward(tokens, input_pos)`, metadata methods), so the
 parity checks, `generate` and `bench` exercise the same contract as a device.
 
-Note: the Python bindings read the whole `.ptd` into memory when the program loads; memory-mapping is left to the
-C++ `Module` (and Android's `LlmModule`).
+The Python bindings of ExecuTorch 1.5.1 memory-map the `.ptd` (a shared read-only mapping, measured with
+benchmarks/ple_mmap.py). They set no `madvise` hint, so kernel read-around can bring in more of the file than the
+rows a sequence uses.
 """
 
 from __future__ import annotations
