@@ -120,15 +120,16 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
     out = Path(request.out) if request.out else default_out(request.model, request.size, request.target)
     if out.exists() and not request.force:
         raise G3nError(f"{out} already exists; choose another --out or pass --force to replace it")
+    # Recipes and options are checked before any stage starts, so a bad argument is reported as such.
+    size = load_size_recipe(request.size)
+    target = load_target_recipe(request.target).with_quant(request.quant).with_formats(request.formats)
+    max_seq_len = request.max_seq_len or target.max_seq_len
+    if max_seq_len < 8:
+        raise G3nError(f"invalid --max-seq-len {max_seq_len}; use at least 8 tokens")
     with stage("load", timings):
         checkpoint = open_checkpoint(request.model)
-        size = load_size_recipe(request.size)
-        target = load_target_recipe(request.target).with_quant(request.quant).with_formats(request.formats)
         plan = size.plan(checkpoint.text_config)
         source = checkpoint if plan.is_identity else SlicedCheckpoint(checkpoint, plan)
-        max_seq_len = request.max_seq_len or target.max_seq_len
-        if max_seq_len < 8:
-            raise G3nError(f"invalid --max-seq-len {max_seq_len}; use at least 8 tokens")
     config = source.text_config
     specs = []
     if "pte" in target.formats:
