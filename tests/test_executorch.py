@@ -43,7 +43,7 @@ FLOAT = ExecuTorchSpec(linear="fp32", group_size=32, embedding="fp32", ple="fp32
 
 # Quantized programs of the bundled model's E2B slice. Each lowering takes about 11 minutes on 2 cores, so this module
 # lowers only the all-8-bit program. tests/test_pipeline.py checks the held-out fidelity of the android recipe's
-# program (8da4w linears, int8 token embedding, int4 PLE table), which the CLI exports there.
+# program (8da4w linears and LM head, int8 token embedding, int4 PLE table), which the CLI exports there.
 BUNDLED_SEQ_LEN = 128
 BUNDLED_SPECS = {
     "int8": ExecuTorchSpec(linear="8da8w", group_size=32, embedding="int8", ple="int8", lm_head="8da8w"),

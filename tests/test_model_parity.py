@@ -127,6 +127,6 @@ def test_logits_to_keep_returns_the_last_positions(tiny):
     full = Gemma3nDecoder.from_checkpoint(tiny.checkpoint, max_seq_len=MAX_SEQ_LEN)(tokens, torch.tensor([0]))
     last = Gemma3nDecoder.from_checkpoint(tiny.checkpoint, max_seq_len=MAX_SEQ_LEN)
     last.logits_to_keep = 3
-    kept = last(tokens, torch.tensor([0]))
-    assert kept.shape == (1, 3, full.shape[-1])
-    torch.testing.assert_close(kept, full[:, -3:], rtol=0, atol=1e-6)
+    last_logits = last(tokens, torch.tensor([0]))
+    assert last_logits.shape == (1, 3, full.shape[-1])
+    torch.testing.assert_close(last_logits, full[:, -3:], rtol=0, atol=1e-6)
