@@ -30,7 +30,7 @@ class ExecuTorchSpec:
 
     linear: str = "8da4w"  # 8-bit dynamic activations with 4-bit grouped weights
     group_size: int = 32
-    embedding: str = "int8"  # token embedding and the tied LM head
+    embedding: str = "int8"  # token embedding, gathered by id; the LM head shares it only when it is fp32
     ple: str = "int4"  # PLE table, per-row, stored in ple.ptd
     # A quantized token embedding is gathered outside XNNPACK, which packs a linear's weight into its own layout, so
     # the LM head becomes an untied linear of its own scheme. With a float embedding the head stays tied and float.
@@ -41,13 +41,16 @@ class ExecuTorchSpec:
 
     @property
     def precision(self) -> str:
-        return _precision(self.linear, self.embedding, self.ple, *(() if self.embedding == "fp32" else (self.lm_head,)))
+        schemes = [self.linear, self.embedding, self.ple]
+        if self.embedding != "fp32":
+            schemes.append(self.lm_head)  # an untied LM head of its own scheme
+        return _precision(*schemes)
 
     def describe(self) -> str:
         head = "tied" if self.embedding == "fp32" else self.lm_head
+        positions = "every position" if self.logits == "all" else "the last position"
         return (f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, LM head {head}, "
-                f"PLE {self.ple}, "
-                "logits of " + ("every position" if self.logits == "all" else "the last position"))
+                f"PLE {self.ple}, logits of {positions}")
 
 
 @dataclass(frozen=True)
