@@ -10,25 +10,16 @@ its packed copies in its own allocations.
 from __future__ import annotations
 
 import argparse
-import mmap
 from pathlib import Path
 
-
-def planned_bytes(pte: Path) -> dict[str, list[int]]:
-    """Return method name -> sizes of its memory-planned buffers in bytes (index 0 is reserved and always 0)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-
-    with pte.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        program = deserialize_pte_binary(data)
-    program = getattr(program, "program", program)
-    return {plan.name: list(plan.non_const_buffer_sizes) for plan in program.execution_plan}
+from g3n_export.runtime.executorch import planned_buffer_sizes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pte", type=Path)
     args = parser.parse_args()
-    for name, sizes in planned_bytes(args.pte).items():
+    for name, sizes in planned_buffer_sizes(args.pte).items():
         if sum(sizes):
             print(f"{name}: {sum(sizes):,} bytes ({sum(sizes) / 2**20:.1f} MiB) in buffers {sizes[1:]}")
 

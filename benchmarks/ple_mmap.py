@@ -43,7 +43,8 @@ def make_checkpoint(path: Path) -> None:
     write_tiny_checkpoint(path, config, seed=0)
 
 
-def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inline: bool, logits: str = "last") -> None:
+def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inline: bool, logits: str = "last",
+                         prefill_chunk: int | None = None) -> None:
     """Export `model.pte` (+ `ple.ptd` unless `inline`) with the android recipe's ExecuTorch quantization."""
     if (out / "model.pte").is_file():
         return
@@ -56,7 +57,9 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     from g3n_export.targets.xnnpack_partition import xnnpack_partitioners
 
     source = open_checkpoint(str(checkpoint))
-    spec = dataclasses.replace(load_target_recipe("android").executorch, logits=logits)
+    spec = load_target_recipe("android").executorch
+    spec = dataclasses.replace(spec, logits=logits, prefill_chunk=prefill_chunk or spec.prefill_chunk)
+    call_len = min(spec.prefill_chunk, max_seq_len)
     config = source.text_config
     eos_ids = list(config.eos_token_ids)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,10 +70,10 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
         return
     model, _ = build_decoder(source, spec, max_seq_len)
     edge = to_edge_transform_and_lower(
-        export_program(model, max_seq_len),
+        export_program(model, call_len),
         partitioner=xnnpack_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=runner_metadata(config, max_seq_len, bos_id=config.bos_token_id, eos_ids=eos_ids),
+        constant_methods=runner_metadata(config, max_seq_len, call_len, bos_id=config.bos_token_id, eos_ids=eos_ids),
     )
     # The same lowering as `export_executorch`, without `external_constants`: every constant stays in the program.
     program = edge.to_executorch(ExecutorchBackendConfig(
@@ -105,12 +108,16 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--logits", choices=("last", "all"), default="last",
                         help="positions whose logits forward returns (the recipe field executorch.logits)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="most tokens per call (the recipe field executorch.prefill_chunk; default: the android "
+                             "recipe's)")
     args = parser.parse_args()
 
     checkpoint, android, inline = args.work / "checkpoint", args.work / "android", args.work / "inline"
     make_checkpoint(checkpoint)
-    export_program_files(checkpoint, android / "executorch", args.max_seq_len, inline=False, logits=args.logits)
-    export_program_files(checkpoint, inline, args.max_seq_len, inline=True, logits=args.logits)
+    for out, inline_table in ((android / "executorch", False), (inline, True)):
+        export_program_files(checkpoint, out, args.max_seq_len, inline=inline_table, logits=args.logits,
+                             prefill_chunk=args.prefill_chunk)
     inline_pte = inline / "model.pte"
 
     vocab = PLE_ROWS

@@ -114,7 +114,7 @@ class _ExecuTorchStepper:
     def __call__(self, ids: list[int], position: int) -> int:
         import torch
 
-        logits = self.runner.forward(torch.tensor([ids], dtype=torch.int64), position)
+        logits = self.runner.prefill(torch.tensor([ids], dtype=torch.int64), position)
         return int(logits[0, -1].argmax())
 
 

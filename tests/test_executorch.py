@@ -30,7 +30,7 @@ from g3n_export.checkpoint import open_checkpoint
 from g3n_export.parity import compare_logits
 from g3n_export.quantize import TABLE_BITS, quantize_table
 from g3n_export.reference import load_reference, reference_logits
-from g3n_export.runtime.executorch import ExecuTorchRunner
+from g3n_export.runtime.executorch import ExecuTorchRunner, planned_buffer_sizes
 from g3n_export.targets.executorch import QuantizedPerLayerEmbedding, export_executorch
 from g3n_export.targets.recipe import ExecuTorchSpec
 
@@ -39,7 +39,9 @@ SLIDING_WINDOW = 4
 TOKENIZER_VOCAB = 512
 EXTRA_VOCAB = 16  # embedding rows past the PLE table, as the released models' multimodal ids
 
-FLOAT = ExecuTorchSpec(linear="fp32", group_size=32, embedding="fp32", ple="fp32")
+# Calls of at most 4 tokens, so that longer prefills (ours and ExecuTorch's LLM runner's) are split into calls.
+PREFILL_CHUNK = 4
+FLOAT = ExecuTorchSpec(linear="fp32", group_size=32, embedding="fp32", ple="fp32", prefill_chunk=PREFILL_CHUNK)
 
 # Quantized programs of the bundled model's E2B slice. Each lowering takes about 11 minutes on 2 cores, so this module
 # lowers only the all-8-bit program. tests/test_pipeline.py checks the held-out fidelity of the android recipe's
@@ -125,12 +127,13 @@ def test_program_returns_last_position_only(float_runner, float_export):
     sizes = float_runner.module.method_meta("forward").output_tensor_meta(0).sizes()
     assert list(sizes) == [1, 1, float_runner.vocab_size]
     assert not float_runner.all_logits
-    assert float_runner.forward(tokens_for(5, seed=1), 0).shape == (1, 1, float_runner.vocab_size)
+    assert float_runner.forward(tokens_for(PREFILL_CHUNK, seed=1), 0).shape == (1, 1, float_runner.vocab_size)
 
 
 @pytest.mark.parametrize("length", [1, SLIDING_WINDOW + 1, 3 * SLIDING_WINDOW + 2, MAX_SEQ_LEN])
 def test_float_prefill_matches_reference(tiny4, float_runner, length):
-    # One prefill call per position, on the prefix that ends there: the program returns the last position only.
+    # One prefill per position, on the prefix that ends there, in calls of PREFILL_CHUNK tokens: the program returns
+    # the last position only.
     tokens = tokens_for(length, seed=length)
     expected = reference_logits(tiny4[1], tokens)
     assert_logits_close(float_runner.prefill_logits(tokens), expected, f"prefill T={length}", atol=FLOAT_ATOL)
@@ -153,18 +156,20 @@ def test_float_chunked_prefill_matches_reference(tiny4, float_runner):
 
 
 def test_all_logits_program_matches_reference(tiny4, tmp_path):
-    """With `logits = "all"` one prefill call returns every position's logits."""
-    result = _export(tiny4[0], dataclasses.replace(FLOAT, logits="all"), tmp_path)
+    """With `logits = "all"` one prefill call returns every position's logits, here in one call of MAX_SEQ_LEN."""
+    result = _export(tiny4[0], dataclasses.replace(FLOAT, logits="all", prefill_chunk=MAX_SEQ_LEN), tmp_path)
     runner = ExecuTorchRunner(result.pte_path, result.ptd_path)
     tokens = tokens_for(3 * SLIDING_WINDOW + 2, seed=13)
     assert runner.all_logits
-    assert_logits_close(runner.logits(tokens), reference_logits(tiny4[1], tokens), "all-logits prefill",
+    assert runner.max_call_len == MAX_SEQ_LEN
+    assert_logits_close(runner.forward(tokens, 0), reference_logits(tiny4[1], tokens), "all-logits prefill",
                         atol=FLOAT_ATOL)
 
 
 def test_runner_metadata(tiny4, float_runner):
     config = tiny4[0].text_config
-    assert float_runner.metadata["get_max_seq_len"] == MAX_SEQ_LEN
+    # ExecuTorch's LLM runner reads get_max_seq_len as the most tokens per call, get_max_context_len as the cache.
+    assert float_runner.metadata["get_max_seq_len"] == PREFILL_CHUNK
     assert float_runner.metadata["get_max_context_len"] == MAX_SEQ_LEN
     assert float_runner.metadata["get_vocab_size"] == config.vocab_size
     assert float_runner.metadata["get_n_layers"] == config.num_hidden_layers
@@ -175,8 +180,24 @@ def test_runner_metadata(tiny4, float_runner):
 
 
 def test_forward_rejects_overflowing_positions(float_runner):
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="KV cache of 48 positions"):
         float_runner.forward(torch.zeros(1, 2, dtype=torch.int64), MAX_SEQ_LEN - 1)
+    with pytest.raises(ValueError, match="KV cache of 48 positions"):
+        float_runner.prefill(torch.zeros(1, MAX_SEQ_LEN + 1, dtype=torch.int64))
+
+
+def test_forward_rejects_long_call(float_runner):
+    with pytest.raises(ValueError, match="at most 4"):
+        float_runner.forward(torch.zeros(1, PREFILL_CHUNK + 1, dtype=torch.int64), 0)
+
+
+def test_program_plans_for_prefill_chunk(float_export, tmp_path, tiny4):
+    """The memory plan follows the call length: a program taking whole MAX_SEQ_LEN calls plans more activations."""
+    whole = _export(tiny4[0], dataclasses.replace(FLOAT, prefill_chunk=MAX_SEQ_LEN), tmp_path)
+    chunked_plan = sum(planned_buffer_sizes(float_export.pte_path)["forward"])
+    whole_plan = sum(planned_buffer_sizes(whole.pte_path)["forward"])
+    print(f"planned bytes: calls of {PREFILL_CHUNK} tokens {chunked_plan}, of {MAX_SEQ_LEN} tokens {whole_plan}")
+    assert chunked_plan < whole_plan
 
 
 # Quantized programs of the bundled model -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ def test_shipped_recipes_load(name):
     assert recipe.name == name
     # Phones and desktops alike generate text, so their programs return only the last position's logits.
     assert recipe.executorch.logits == "last"
+    # Their programs take calls far shorter than the KV cache, which keeps the activation arena small.
+    assert recipe.executorch.prefill_chunk < recipe.max_seq_len
 
 
 @pytest.mark.parametrize(("executorch", "message"), [
@@ -21,6 +23,9 @@ def test_shipped_recipes_load(name):
     ({"linear": "4w"}, "executorch.linear is '4w'"),
     ({"logit": "all"}, "unknown field 'executorch.logit'"),
     ({"lm_head": "int4"}, "executorch.lm_head is 'int4'; allowed values are 8da4w, 8da8w"),
+    ({"prefill_chunk": 1}, "executorch.prefill_chunk must be an integer of at least 2, got 1"),
+    ({"prefill_chunk": "128"}, "executorch.prefill_chunk must be an integer of at least 2, got '128'"),
+    ({"prefill_chunk": True}, "executorch.prefill_chunk must be an integer of at least 2, got True"),
 ])
 def test_invalid_executorch_fields_are_named(executorch, message):
     with pytest.raises(RecipeError, match=message.replace(".", r"\.").replace("(", r"\(")):

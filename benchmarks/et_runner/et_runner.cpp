@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstdint>
@@ -209,6 +210,18 @@ int64_t constant_method(Module& module, const char* name) {
   return value->toInt();
 }
 
+// Feeds the prompt in calls of at most call_len tokens, as ExecuTorch's TextPrefiller does, and returns the argmax
+// of the last call's last logits row.
+int64_t prefill(Module& module, const std::vector<int64_t>& prompt, int64_t call_len) {
+  int64_t next = 0;
+  for (size_t start = 0; start < prompt.size(); start += call_len) {
+    const size_t end = std::min(prompt.size(), start + static_cast<size_t>(call_len));
+    std::vector<int64_t> chunk(prompt.begin() + start, prompt.begin() + end);
+    next = run_forward(module, chunk, static_cast<int64_t>(start));
+  }
+  return next;
+}
+
 void print_status(const char* name, const Status& status, bool comma = true) {
   std::printf("  \"%s\": {\"vm_rss\": %lld, \"vm_hwm\": %lld, \"rss_anon\": %lld, \"rss_file\": %lld}%s\n", name,
               static_cast<long long>(status.vm_rss), static_cast<long long>(status.vm_hwm),
@@ -239,10 +252,12 @@ int main(int argc, char** argv) {
   if (options.advice != "none") {
     advised = apply_advice(options.ptd, options.advice == "random" ? MADV_RANDOM : MADV_NORMAL);
   }
-  const int64_t max_seq_len = constant_method(*module, "get_max_seq_len");
+  // get_max_seq_len is the maximum number of tokens per call, and get_max_context_len the KV cache length.
+  const int64_t call_len = constant_method(*module, "get_max_seq_len");
+  const int64_t context_len = constant_method(*module, "get_max_context_len");
   const int64_t vocab = options.vocab > 0 ? options.vocab : constant_method(*module, "get_vocab_size");
-  if (options.prompt_len + options.gen_len > max_seq_len) {
-    fail("prompt-len + gen-len exceed the program's max_seq_len " + std::to_string(max_seq_len));
+  if (options.prompt_len + options.gen_len > context_len) {
+    fail("prompt-len + gen-len exceed the program's KV cache of " + std::to_string(context_len) + " positions");
   }
   const Status after_load = read_status();
   const int64_t ptd_rss_after_load = mapping_rss(options.ptd);
@@ -256,10 +271,10 @@ int main(int argc, char** argv) {
 
   // The first call pays one-time costs (allocations, page faults on weights), so it is timed apart.
   auto first_start = std::chrono::steady_clock::now();
-  run_forward(*module, prompt, 0);
+  prefill(*module, prompt, call_len);
   const double first_call_s = seconds_since(first_start);
   auto prefill_start = std::chrono::steady_clock::now();
-  run_forward(*module, prompt, 0);
+  prefill(*module, prompt, call_len);
   const double prefill_s = seconds_since(prefill_start);
   const Status after_prefill = read_status();
   const int64_t ptd_rss_after_prefill = mapping_rss(options.ptd);

@@ -39,11 +39,29 @@ def load_program_module(pte_path: str | Path, ptd_path: str | Path | None = None
     return _load_for_executorch(str(pte_path), data_path=None if ptd_path is None else str(ptd_path))
 
 
+def planned_buffer_sizes(pte_path: str | Path) -> dict[str, list[int]]:
+    """Return method name -> sizes in bytes of its memory-planned buffers (index 0 is reserved and always 0).
+
+    A runtime allocates these buffers (activations, outputs, KV cache, each sized for the method's largest input)
+    when it loads the method. Weights are not among them: XNNPACK keeps its packed copies in its own allocations.
+    """
+    import mmap
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    with Path(pte_path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        program = deserialize_pte_binary(data)
+    program = getattr(program, "program", program)
+    return {plan.name: list(plan.non_const_buffer_sizes) for plan in program.execution_plan}
+
+
 class ExecuTorchRunner:
     """Run an exported Gemma 3n program: logits for a chunk of tokens, and greedy generation.
 
     The program keeps its KV cache between `forward` calls; every sequence starts at `input_pos = 0`, which makes the
-    previous sequence invisible to attention (no reset is needed).
+    previous sequence invisible to attention (no reset is needed). One call takes at most `max_call_len` tokens
+    (`get_max_seq_len`) and the cache holds `max_context_len` positions (`get_max_context_len`); `prefill` splits
+    longer inputs into calls as ExecuTorch's LLM runner does.
 
     Args:
         pte_path: the program (`model.pte`).
@@ -52,11 +70,12 @@ class ExecuTorchRunner:
 
     def __init__(self, pte_path: str | Path, ptd_path: str | Path | None = None) -> None:
         self.module = load_program_module(pte_path, ptd_path)
-        # The logits output is planned for the largest call: [1, max_seq_len, V] when the program returns every
+        # The logits output is planned for the largest call: [1, max_call_len, V] when the program returns every
         # position, [1, 1, V] when it returns only the last.
         self.all_logits = int(self.module.method_meta("forward").output_tensor_meta(0).sizes()[1]) > 1
         self.metadata = {name: self._constant(name) for name in METADATA_METHODS}
-        self.max_seq_len = int(self.metadata["get_max_seq_len"])
+        self.max_call_len = int(self.metadata["get_max_seq_len"])
+        self.max_context_len = int(self.metadata["get_max_context_len"])
         self.vocab_size = int(self.metadata["get_vocab_size"])
         self.bos_id = int(self.metadata["get_bos_id"])
         eos = self.metadata["get_eos_ids"]
@@ -73,19 +92,37 @@ class ExecuTorchRunner:
         last token.
 
         Raises:
-            ValueError: the tokens do not fit the program's `max_seq_len`.
+            ValueError: more tokens than one call takes, or positions past the KV cache.
         """
         tokens = tokens.to(torch.int64).reshape(1, -1)
-        if input_pos < 0 or input_pos + tokens.shape[1] > self.max_seq_len:
+        if tokens.shape[1] > self.max_call_len:
             raise ValueError(
-                f"positions {input_pos}..{input_pos + tokens.shape[1] - 1} do not fit max_seq_len {self.max_seq_len} "
-                "of the program; shorten the prompt or export with a larger max_seq_len"
+                f"{tokens.shape[1]} tokens in one call, but the program takes at most {self.max_call_len} "
+                "(its prefill_chunk); feed them through prefill(), which splits them into calls"
+            )
+        if input_pos < 0 or input_pos + tokens.shape[1] > self.max_context_len:
+            raise ValueError(
+                f"positions {input_pos}..{input_pos + tokens.shape[1] - 1} do not fit the program's KV cache of "
+                f"{self.max_context_len} positions (max_seq_len); shorten the prompt or export with a larger max_seq_len"
             )
         (logits,) = self.module.forward((tokens, torch.tensor([input_pos], dtype=torch.int64)))
         return logits
 
+    def prefill(self, tokens: Sequence[int] | torch.Tensor, input_pos: int = 0) -> torch.Tensor:
+        """Feed `tokens` from `input_pos` in calls of at most `max_call_len` tokens and return the logits.
+
+        The result is `[1, T, V]` for a program that returns every position, else the last token's `[1, 1, V]`.
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
+        if tokens.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        outputs = []
+        for start in range(0, tokens.shape[1], self.max_call_len):
+            outputs.append(self.forward(tokens[:, start:start + self.max_call_len], input_pos + start))
+        return torch.cat(outputs, dim=1) if self.all_logits else outputs[-1]
+
     def logits(self, tokens: Sequence[int] | torch.Tensor, *, chunk_sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """Return the logits of a sequence fed from position 0 in one call or in the given chunks.
+        """Return the logits of a sequence fed from position 0 whole or in the given chunks (each through `prefill`).
 
         The result is `[1, T, V]` for a program that returns every position. For one that returns only the last,
         it is `[1, C, V]`: the last position of each of the C chunks (`chunk_sizes=[1] * T` gives every position).
@@ -96,39 +133,39 @@ class ExecuTorchRunner:
             raise ValueError(f"chunk sizes {sizes} add up to {sum(sizes)}, but there are {tokens.shape[1]} tokens")
         outputs, start = [], 0
         for size in sizes:
-            outputs.append(self.forward(tokens[:, start:start + size], start))
+            outputs.append(self.prefill(tokens[:, start:start + size], start))
             start += size
         return torch.cat(outputs, dim=1)
 
     def prefill_logits(self, tokens: Sequence[int] | torch.Tensor, positions: Sequence[int] | None = None) -> torch.Tensor:
-        """Return logits `[1, P, V]` at `positions` (default: all) of a sequence processed in one call from position 0.
+        """Return logits `[1, P, V]` at `positions` (default: all) of a sequence prefilled from position 0.
 
         A program that returns only the last position runs one prefill per requested position, each on the prefix
-        that ends there, so every row still comes from a one-call prefill.
+        that ends there, so every row comes from a prefill as a device runs it.
         """
         tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
         positions = list(range(tokens.shape[1])) if positions is None else list(positions)
         if any(not 0 <= p < tokens.shape[1] for p in positions):
             raise ValueError(f"positions {positions} must lie in 0..{tokens.shape[1] - 1}")
         if self.all_logits:
-            return self.forward(tokens, 0)[:, positions]
-        return torch.cat([self.forward(tokens[:, :p + 1], 0) for p in positions], dim=1)
+            return self.prefill(tokens)[:, positions]
+        return torch.cat([self.prefill(tokens[:, :p + 1]) for p in positions], dim=1)
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True) -> list[int]:
-        """Greedy continuation of `prompt` (ids, BOS included if wanted): prefill in one call, then one token a step.
+        """Greedy continuation of `prompt` (ids, BOS included if wanted): prefill, then one token a step.
 
         Stops after `max_new_tokens`, at an end-of-sequence id (included in the output) when `stop_at_eos`, or when
         the KV cache is full.
         """
         if not prompt:
             raise ValueError("the prompt must hold at least one token (usually BOS)")
-        logits = self.forward(torch.tensor([list(prompt)]), 0)
+        logits = self.prefill(list(prompt))
         position = len(prompt)
         generated: list[int] = []
         while len(generated) < max_new_tokens:
             token = int(logits[0, -1].argmax())
             generated.append(token)
-            if (stop_at_eos and token in self.eos_ids) or position >= self.max_seq_len:
+            if (stop_at_eos and token in self.eos_ids) or position >= self.max_context_len:
                 break
             logits = self.forward(torch.tensor([[token]]), position)
             position += 1

@@ -17,8 +17,8 @@ def greedy_stream(folder: Path, runtime: str, prompt: list[int], max_new_tokens:
         from g3n_export.runtime.executorch import ExecuTorchRunner
 
         runner = ExecuTorchRunner(folder / "executorch" / "model.pte", folder / "executorch" / "ple.ptd")
-        limit = runner.max_seq_len
-        logits = runner.forward(torch.tensor([prompt]), 0)[0, -1]
+        limit = runner.max_context_len
+        logits = runner.prefill(prompt)[0, -1]
         position = len(prompt)
         for _ in range(max_new_tokens):
             token = int(logits.argmax())

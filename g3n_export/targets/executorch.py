@@ -4,7 +4,8 @@ Pipeline (`export_executorch`):
 
 1. load + quantize: build `Gemma3nDecoder` on the meta device and fill it one checkpoint tensor at a time, quantizing
    each tensor group as it arrives, so the float model never exists in memory as a whole.
-2. export: `torch.export` (strict) with a dynamic sequence length `1 <= T <= max_seq_len`.
+2. export: `torch.export` (strict) with a dynamic sequence length `1 <= T <= prefill_chunk` per call, over a KV cache
+   of `max_seq_len` positions.
 3. lower: `to_edge_transform_and_lower` with one XNNPACK partitioner for quantized linears and float ops alike;
    the quantized gathers stay outside the delegate on ExecuTorch's quantized kernels.
 4. emit: `to_executorch` with the PLE table (and its scales) tagged as external constants, written to `ple.ptd`;
@@ -28,7 +29,9 @@ The program follows the contract ExecuTorch's LLM runner expects: `forward(token
 returns float32 logits, and constant methods give the runner its metadata (`RUNNER_METADATA`). The logits are those
 of the last position, `[1, 1, V]`, unless the spec asks for every position (`[1, T, V]`). The runner reads only the
 last row either way, and ExecuTorch's memory plan sizes every buffer for the largest T, so full logits would hold
-max_seq_len x V floats in memory for the program's lifetime.
+T x V floats in memory for the program's lifetime. For the same reason a call takes at most `prefill_chunk` tokens
+(`get_max_seq_len`), while the KV cache holds `max_seq_len` positions (`get_max_context_len`): ExecuTorch's LLM
+runner prefills longer prompts in calls of `get_max_seq_len` tokens.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class ExecuTorchExport:
     ptd_bytes: int
     ple_bytes: int
     max_seq_len: int
+    prefill_chunk: int
     schemes: dict[str, str]
     stages: list[Stage] = field(default_factory=list)
 
@@ -332,12 +336,17 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 # Export and lowering ------------------------------------------------------------------------------------------------
 
 
-def runner_metadata(config: TextConfig, max_seq_len: int, *, bos_id: int, eos_ids: list[int]) -> dict[str, object]:
-    """Return the constant methods ExecuTorch's LLM runner reads from the program, by method name."""
+def runner_metadata(
+    config: TextConfig, max_seq_len: int, call_len: int, *, bos_id: int, eos_ids: list[int]
+) -> dict[str, object]:
+    """Return the constant methods ExecuTorch's LLM runner reads from the program, by method name.
+
+    `get_max_seq_len` is the maximum number of tokens per call and `get_max_context_len` the KV cache length.
+    """
     return {
         "get_bos_id": bos_id,
         "get_eos_ids": list(eos_ids),
-        "get_max_seq_len": max_seq_len,
+        "get_max_seq_len": call_len,
         "get_max_context_len": max_seq_len,
         "get_vocab_size": config.vocab_size,
         "get_n_layers": config.num_hidden_layers,
@@ -347,11 +356,11 @@ def runner_metadata(config: TextConfig, max_seq_len: int, *, bos_id: int, eos_id
     }
 
 
-def export_program(model: Gemma3nDecoder, max_seq_len: int) -> torch.export.ExportedProgram:
-    """Run `torch.export` (strict) on `forward(tokens, input_pos)` with a dynamic sequence length up to `max_seq_len`."""
+def export_program(model: Gemma3nDecoder, call_len: int) -> torch.export.ExportedProgram:
+    """Run `torch.export` (strict) on `forward(tokens, input_pos)` with a dynamic sequence length up to `call_len`."""
     _register_quantized_ops()
-    seq_len = torch.export.Dim("seq_len", min=1, max=max_seq_len)
-    example = (torch.zeros(1, min(2, max_seq_len), dtype=torch.int64), torch.tensor([0]))
+    seq_len = torch.export.Dim("seq_len", min=1, max=call_len)
+    example = (torch.zeros(1, 2, dtype=torch.int64), torch.tensor([0]))
     with torch.no_grad():
         return torch.export.export(
             model, example, dynamic_shapes={"tokens": {1: seq_len}, "input_pos": None}, strict=True
@@ -382,7 +391,8 @@ def export_executorch(
         source: a `Checkpoint` or `SlicedCheckpoint`.
         out_dir: folder for the two files (created if missing).
         spec: quantization per tensor group.
-        max_seq_len: static KV cache length; prompt plus generated tokens must fit.
+        max_seq_len: static KV cache length; prompt plus generated tokens must fit. A call takes at most
+            `min(spec.prefill_chunk, max_seq_len)` tokens.
         bos_id, eos_ids: token ids the runner prepends and stops at (its metadata methods return them).
         progress: called as `progress(stage, done, total)`; stages are "load", "export", "lower", "write".
 
@@ -399,6 +409,9 @@ def export_executorch(
 
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if spec.prefill_chunk < 2:
+        raise ValueError(f"prefill_chunk must be at least 2, got {spec.prefill_chunk}")
+    call_len = min(spec.prefill_chunk, max_seq_len)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config: TextConfig = source.text_config
@@ -417,7 +430,7 @@ def export_executorch(
     model, schemes = build_decoder(source, spec, max_seq_len, progress=progress)
     finish("load")
 
-    program = export_program(model, max_seq_len)
+    program = export_program(model, call_len)
     del model
     finish("export")
 
@@ -425,7 +438,7 @@ def export_executorch(
         program,
         partitioner=xnnpack_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=runner_metadata(config, max_seq_len, bos_id=bos_id, eos_ids=eos_ids),
+        constant_methods=runner_metadata(config, max_seq_len, call_len, bos_id=bos_id, eos_ids=eos_ids),
     )
     del program
     ple_nodes = _ple_placeholders(edge.exported_program())
@@ -459,6 +472,7 @@ def export_executorch(
         ptd_bytes=ptd_path.stat().st_size,
         ple_bytes=ple_bytes,
         max_seq_len=max_seq_len,
+        prefill_chunk=call_len,
         schemes=schemes,
         stages=stages,
     )

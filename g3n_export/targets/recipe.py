@@ -38,6 +38,10 @@ class ExecuTorchSpec:
     # Positions whose logits forward returns. "last" is all a generation loop reads. "all" suits scoring whole
     # sequences but costs an output buffer of max_seq_len x vocab floats.
     logits: str = "last"
+    # Maximum number of tokens per forward call (the program's get_max_seq_len). The KV cache keeps max_seq_len
+    # positions (get_max_context_len). ExecuTorch plans every activation buffer for the longest call, so this bounds
+    # the program's working memory. Longer prompts are prefilled in calls of this size, as ExecuTorch's LLM runner does.
+    prefill_chunk: int = 128
 
     @property
     def precision(self) -> str:
@@ -50,7 +54,7 @@ class ExecuTorchSpec:
         head = "tied" if self.embedding == "fp32" else self.lm_head
         positions = "every position" if self.logits == "all" else "the last position"
         return (f"linears {self.linear} (group {self.group_size}), token embedding {self.embedding}, LM head {head}, "
-                f"PLE {self.ple}, logits of {positions}")
+                f"PLE {self.ple}, logits of {positions}, calls of up to {self.prefill_chunk} tokens")
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ def parse_target_recipe(data: dict[str, Any], path: Path | None = None) -> Targe
     _check_choice(errors, "executorch.ple", et.ple, TABLE_QUANT)
     _check_choice(errors, "executorch.logits", et.logits, ET_LOGITS)
     _check_choice(errors, "executorch.lm_head", et.lm_head, ET_LM_HEAD)
+    if not isinstance(et.prefill_chunk, int) or isinstance(et.prefill_chunk, bool) or et.prefill_chunk < 2:
+        errors.append(f"executorch.prefill_chunk must be an integer of at least 2, got {et.prefill_chunk!r}")
 
     onnx_data = data.get("onnx", {})
     check_keys(onnx_data, {f.name for f in dataclasses.fields(OnnxSpec)}, "onnx.")

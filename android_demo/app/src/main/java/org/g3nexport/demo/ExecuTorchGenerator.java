@@ -68,9 +68,13 @@ final class ExecuTorchGenerator implements TextGenerator {
                 listener.onText("\n[ExecuTorch error " + errorCode + ": " + message + "]\n");
             }
         };
-        // seqLen counts prompt and generated tokens together. The runner stops at the tokenizer's EOS id or at
-        // any id that the program's get_eos_ids method returns.
-        module.generate(ChatFormat.singleTurnPrompt(userMessage), folder.maxSeqLen, callback, false);
+        // The program takes calls shorter than its KV cache (get_max_seq_len < get_max_context_len), and for such
+        // programs ExecuTorch's runner reads seqLen as a budget of new tokens, not of prompt plus new tokens. So the
+        // hard limit is the new-token limit. If the prompt leaves less room than that, generation ends with the
+        // runner's error, because the program rejects positions past its cache. The runner also stops at the
+        // tokenizer's EOS id and at any id that the program's get_eos_ids method returns.
+        module.generate(ChatFormat.singleTurnPrompt(userMessage), Math.min(maxNewTokens, folder.maxSeqLen), callback,
+                false);
     }
 
     @Override
