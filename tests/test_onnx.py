@@ -35,6 +35,7 @@ from g3n_export.targets.onnx import (
     _check_file_sizes,
     export_float_graphs,
     export_onnx,
+    mobile_usability_report,
     ort_size_problem,
 )
 from g3n_export.targets.onnx_quant import (
@@ -390,6 +391,15 @@ def test_ort_size_problem_names_large_graphs(tmp_path):
     message = ort_size_problem([tmp_path / "small.onnx", tmp_path / "large.onnx"])
     assert "large.onnx with its weights takes 2.00 GiB" in message
     assert "small.onnx" not in message
+
+
+def test_mobile_report_skips_large_graphs(tmp_path):
+    # Not a valid graph: a file this large must never reach ONNX Runtime's checker, which would fail on it.
+    (tmp_path / "large.onnx").write_bytes(b"graph")
+    with open(tmp_path / "large.onnx.data", "wb") as data:
+        data.truncate(PROTOBUF_LIMIT)  # sparse: takes no disk space
+    report = mobile_usability_report(tmp_path / "large.onnx")
+    assert report.startswith("== large.onnx ==\nnot checked: with its weights the graph takes 2.00 GiB")
 
 
 def test_ort_skip_is_recorded(text7, text7_float_graphs, tmp_path, monkeypatch):

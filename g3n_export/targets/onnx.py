@@ -435,8 +435,7 @@ def ort_size_problem(onnx_paths: list[Path]) -> str | None:
     """
     too_large = {}
     for path in onnx_paths:
-        data = path.with_name(path.name + ".data")
-        size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        size = graph_bytes(path)
         if size >= PROTOBUF_LIMIT:
             too_large[path.name] = size
     if not too_large:
@@ -445,6 +444,12 @@ def ort_size_problem(onnx_paths: list[Path]) -> str | None:
     return (f"{sizes}, but an ORT-format file holds all weights of its graph and must stay under 2 GiB; "
             "quantize the large tensors to fewer bits (for example int4 linear layers and an int4 PLE table) to get "
             "ORT-format files, or ship the .onnx files")
+
+
+def graph_bytes(onnx_path: Path) -> int:
+    """Return the bytes of a graph with its weights: the `.onnx` file plus its `.onnx.data` file, if any."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return onnx_path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def convert_to_ort(onnx_paths: list[Path], out_dir: Path) -> list[str]:
@@ -477,9 +482,21 @@ def convert_to_ort(onnx_paths: list[Path], out_dir: Path) -> list[str]:
 
 
 def mobile_usability_report(*onnx_paths: Path) -> str:
-    """Run ONNX Runtime's mobile usability check on each graph and return the combined output."""
+    """Run ONNX Runtime's mobile usability check on each graph and return the combined output.
+
+    A graph of 2 GiB or more with its weights is not checked, and its section gives the reason: the checker loads the
+    weights into one protobuf message for shape inference, which cannot be serialized at that size.
+    """
     sections = []
     for path in onnx_paths:
+        size = graph_bytes(path)
+        if size >= PROTOBUF_LIMIT:
+            sections.append(f"== {path.name} ==\nnot checked: with its weights the graph takes {size / 2**30:.2f} GiB, "
+                            "and ONNX Runtime's checker serializes it into one protobuf message, which must stay under "
+                            "2 GiB\n")
+            log.warning("skipped the mobile usability check of %s (%.2f GiB with its weights)", path.name,
+                        size / 2**30)
+            continue
         # Run beside the file with its bare name: the export is written in a temporary folder that is renamed at the
         # end, and the report would otherwise name that folder.
         command = [sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", path.name]
