@@ -154,7 +154,7 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
                 _copy_tokenizer(checkpoint.path, et_dir)
                 result = export_executorch(source, et_dir, target.executorch, max_seq_len,
                                            bos_id=config.bos_token_id, eos_ids=list(config.eos_token_ids))
-                artifacts["executorch"] = _as_dict(result) | {"precision": target.executorch.precision}
+                artifacts["executorch"] = _as_dict(result, tmp) | {"precision": target.executorch.precision}
         if "onnx" in target.formats:
             with stage("onnx", timings):
                 from g3n_export.targets.onnx import export_onnx
@@ -163,7 +163,7 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
                 onnx_dir.mkdir()
                 _copy_tokenizer(checkpoint.path, onnx_dir)
                 result = export_onnx(source, onnx_dir, target.onnx, max_seq_len=max_seq_len, ort="ort" in target.formats)
-                artifacts["onnx"] = _as_dict(result) | {"precision": target.onnx.precision}
+                artifacts["onnx"] = _as_dict(result, tmp) | {"precision": target.onnx.precision}
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -199,10 +199,17 @@ def run_export(request: ExportRequest, *, progress=None) -> ExportResult:
     return ExportResult(out=out, manifest=manifest, stages=timings, passed=passed, report_failures=failures)
 
 
-def _as_dict(result) -> dict:
-    if dataclasses.is_dataclass(result):
-        return json_safe(dataclasses.asdict(result))
-    return json_safe(dict(result))
+def _as_dict(result, folder: Path) -> dict:
+    # Paths are stored relative to the export folder: the files are written in a temporary folder that is renamed at
+    # the end, so absolute paths would name a folder that no longer exists.
+    def relative(value):
+        if isinstance(value, Path) and value.is_relative_to(folder):
+            return value.relative_to(folder)
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        return value
+
+    return json_safe(relative(dataclasses.asdict(result)))
 
 
 def json_safe(value):

@@ -72,6 +72,10 @@ def test_android_manifest(android_export):
     assert manifest["target_recipe"]["name"] == "android"
     assert manifest["artifacts"]["onnx"]["precision"] == "int4"
     assert manifest["artifacts"]["executorch"]["precision"] == "int4"
+    assert manifest["artifacts"]["executorch"]["prefill_chunk"] == 128
+    # Relative to the export folder: the files were written in a temporary folder that no longer exists.
+    assert manifest["artifacts"]["executorch"]["pte_path"] == "executorch/model.pte"
+    assert manifest["artifacts"]["onnx"]["out_dir"] == "onnx"
     assert manifest["parity"]["passed"] is True
     for rel, entry in manifest["files"].items():
         assert sha256_file(android_export / rel) == entry["sha256"]
