@@ -172,11 +172,19 @@ def validation_token_stream(model_dir: Path | None, tokenizer_file: Path, vocab_
     return [i for i in ids if i < vocab_limit]
 
 
-def validation_prompts(stream: list[int], bos_id: int, sliding_window: int, max_seq_len: int) -> list[Prompt]:
-    """Prompts of 8 tokens, one window, one window + 1 and up to three windows, all fitting greedy steps in the cache."""
+def validation_prompts(
+    stream: list[int], bos_id: int, sliding_window: int, max_seq_len: int, call_len: int | None = None
+) -> list[Prompt]:
+    """Prompts of 8 tokens, one window, one window + 1 and up to three windows, all fitting greedy steps in the cache.
+
+    With `call_len` (the most tokens an ExecuTorch program takes per call), a prompt of `call_len + window + 1` tokens
+    is added when no other prompt is longer than one call, so that some prefill runs in several calls.
+    """
     room = max_seq_len - GREEDY_STEPS
     lengths = {"short": 8, "window": sliding_window, "window+1": sliding_window + 1,
                "long": min(3 * sliding_window, room)}
+    if call_len is not None and max(lengths.values()) <= call_len < room:
+        lengths["calls"] = call_len + sliding_window + 1
     prompts = []
     rng = random.Random(0)
     for name, length in lengths.items():

@@ -122,7 +122,8 @@ def validate_export(folder: Path, *, source=None, manifest: dict | None = None, 
     tokenizer = folder / ("executorch" if (folder / "executorch").is_dir() else "onnx") / "tokenizer.json"
     model_dir = Path(manifest["source"]["path"])
     stream = validation_token_stream(model_dir, tokenizer, model["vocab_size"])
-    prompts = validation_prompts(stream, model["bos_token_id"], model["sliding_window"], model["max_seq_len"])
+    call_len = manifest.get("artifacts", {}).get("executorch", {}).get("prefill_chunk")
+    prompts = validation_prompts(stream, model["bos_token_id"], model["sliding_window"], model["max_seq_len"], call_len)
     bars = {k: ParityBars(**v) for k, v in manifest["target_recipe"]["bars"].items()}
 
     log.info("loading the float32 reference (transformers)")
