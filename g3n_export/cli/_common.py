@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +14,20 @@ from rich.logging import RichHandler
 
 from g3n_export.bundled import BUNDLED_MODEL
 
+PIPE_WIDTH = 160  # table width when output goes to a file or a pipe
+
+
+def _console(stderr: bool = False) -> Console:
+    # Rich falls back to 80 columns when the output is a file or a pipe, which wraps the wide tables mid-word in logs.
+    # COLUMNS still sets the width when given.
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
+    return Console(stderr=stderr, width=width)
+
+
 # Results go to stdout; logs, progress and errors to stderr, so output can be piped.
-console = Console()
-err_console = Console(stderr=True)
+console = _console()
+err_console = _console(stderr=True)
 
 ModelOpt = Annotated[
     str,
