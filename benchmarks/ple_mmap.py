@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--logits", choices=("last", "all"), default="last",
                         help="positions whose logits forward returns (the recipe field executorch.logits)")
     parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="most tokens per call (the recipe field executorch.prefill_chunk; default: the android "
+                        help="maximum tokens per call (the recipe field executorch.prefill_chunk; default: the android "
                              "recipe's)")
     args = parser.parse_args()
 

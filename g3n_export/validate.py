@@ -177,8 +177,8 @@ def validation_prompts(
 ) -> list[Prompt]:
     """Prompts of 8 tokens, one window, one window + 1 and up to three windows, all fitting greedy steps in the cache.
 
-    With `call_len` (the most tokens an ExecuTorch program takes per call), a prompt of `call_len + window + 1` tokens
-    is added when no other prompt is longer than one call, so that some prefill runs in several calls.
+    With `call_len` (the maximum tokens an ExecuTorch program takes per call), a prompt of `call_len + window + 1`
+    tokens is added when no other prompt is longer than one call, so that some prefill runs in several calls.
     """
     room = max_seq_len - GREEDY_STEPS
     lengths = {"short": 8, "window": sliding_window, "window+1": sliding_window + 1,
