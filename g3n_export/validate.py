@@ -263,7 +263,9 @@ def run_parity(
         for prompt in prompts:
             positions = prefill_positions(len(prompt.tokens))
             m = compare_logits(ref_logits[prompt.name][positions], runner.prefill_logits(prompt.tokens, positions))
-            mode = "prefill" if len(positions) == len(prompt.tokens) else f"prefill, {len(positions)} positions"
+            mode = "prefill"
+            if len(positions) < len(prompt.tokens):
+                mode = f"prefill at {len(positions)} of {len(prompt.tokens)} positions"
             record(CaseResult(artifact, runtime, prompt.name, mode, len(prompt.tokens),
                               m.max_abs_logit, m.mean_kl, m.top1))
         m = compare_logits(ref_logits[stepwise_prompt.name], runner.stepwise_logits(stepwise_prompt.tokens))
