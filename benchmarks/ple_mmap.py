@@ -52,14 +52,20 @@ def export_program_files(checkpoint: Path, out: Path, max_seq_len: int, *, inlin
     from executorch.exir.passes import MemoryPlanningPass
 
     from g3n_export.checkpoint import open_checkpoint
-    from g3n_export.targets.executorch import build_decoder, export_executorch, export_program, runner_metadata
+    from g3n_export.targets.executorch import (
+        build_decoder,
+        call_length,
+        export_executorch,
+        export_program,
+        runner_metadata,
+    )
     from g3n_export.targets.recipe import load_target_recipe
     from g3n_export.targets.xnnpack_partition import xnnpack_partitioners
 
     source = open_checkpoint(str(checkpoint))
     spec = load_target_recipe("android").executorch
     spec = dataclasses.replace(spec, logits=logits, prefill_chunk=prefill_chunk or spec.prefill_chunk)
-    call_len = min(spec.prefill_chunk, max_seq_len)
+    call_len = call_length(spec, max_seq_len)
     config = source.text_config
     eos_ids = list(config.eos_token_ids)
     out.mkdir(parents=True, exist_ok=True)

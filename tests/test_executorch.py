@@ -168,7 +168,7 @@ def test_all_logits_program_matches_reference(tiny4, tmp_path):
 
 def test_runner_metadata(tiny4, float_runner):
     config = tiny4[0].text_config
-    # ExecuTorch's LLM runner reads get_max_seq_len as the most tokens per call, get_max_context_len as the cache.
+    # ExecuTorch's LLM runner reads get_max_seq_len as the maximum tokens per call, get_max_context_len as the cache.
     assert float_runner.metadata["get_max_seq_len"] == PREFILL_CHUNK
     assert float_runner.metadata["get_max_context_len"] == MAX_SEQ_LEN
     assert float_runner.metadata["get_vocab_size"] == config.vocab_size

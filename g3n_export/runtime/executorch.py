@@ -92,7 +92,7 @@ class ExecuTorchRunner:
         last token.
 
         Raises:
-            ValueError: more tokens than one call takes, or positions past the KV cache.
+            ValueError: more than `max_call_len` tokens, or positions past the KV cache.
         """
         tokens = tokens.to(torch.int64).reshape(1, -1)
         if tokens.shape[1] > self.max_call_len:
@@ -103,7 +103,8 @@ class ExecuTorchRunner:
         if input_pos < 0 or input_pos + tokens.shape[1] > self.max_context_len:
             raise ValueError(
                 f"positions {input_pos}..{input_pos + tokens.shape[1] - 1} do not fit the program's KV cache of "
-                f"{self.max_context_len} positions (max_seq_len); shorten the prompt or export with a larger max_seq_len"
+                f"{self.max_context_len} positions (max_seq_len); shorten the prompt or export with a larger "
+                "max_seq_len"
             )
         (logits,) = self.module.forward((tokens, torch.tensor([input_pos], dtype=torch.int64)))
         return logits
@@ -115,7 +116,7 @@ class ExecuTorchRunner:
         """
         tokens = torch.as_tensor(tokens, dtype=torch.int64).reshape(1, -1)
         if tokens.shape[1] == 0:
-            raise ValueError("prefill needs at least one token")
+            raise ValueError("invalid empty token sequence; prefill needs at least one token")
         outputs = []
         for start in range(0, tokens.shape[1], self.max_call_len):
             outputs.append(self.forward(tokens[:, start:start + self.max_call_len], input_pos + start))

@@ -356,6 +356,19 @@ def runner_metadata(
     }
 
 
+def call_length(spec: ExecuTorchSpec, max_seq_len: int) -> int:
+    """Return the maximum number of tokens per program call: the spec's `prefill_chunk`, capped at the cache length.
+
+    Raises:
+        ValueError: `max_seq_len` or `prefill_chunk` is below 2 (a dynamic dimension needs a range of at least 2).
+    """
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    if spec.prefill_chunk < 2:
+        raise ValueError(f"prefill_chunk must be at least 2, got {spec.prefill_chunk}")
+    return min(spec.prefill_chunk, max_seq_len)
+
+
 def export_program(model: Gemma3nDecoder, call_len: int) -> torch.export.ExportedProgram:
     """Run `torch.export` (strict) on `forward(tokens, input_pos)` with a dynamic sequence length up to `call_len`."""
     _register_quantized_ops()
@@ -407,11 +420,7 @@ def export_executorch(
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-    if spec.prefill_chunk < 2:
-        raise ValueError(f"prefill_chunk must be at least 2, got {spec.prefill_chunk}")
-    call_len = min(spec.prefill_chunk, max_seq_len)
+    call_len = call_length(spec, max_seq_len)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config: TextConfig = source.text_config

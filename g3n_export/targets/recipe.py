@@ -36,7 +36,7 @@ class ExecuTorchSpec:
     # the LM head becomes an untied linear of its own scheme. With a float embedding the head stays tied and float.
     lm_head: str = "8da4w"
     # Positions whose logits forward returns. "last" is all a generation loop reads. "all" suits scoring whole
-    # sequences but costs an output buffer of max_seq_len x vocab floats.
+    # sequences but costs an output buffer of prefill_chunk x vocab floats.
     logits: str = "last"
     # Maximum number of tokens per forward call (the program's get_max_seq_len). The KV cache keeps max_seq_len
     # positions (get_max_context_len). ExecuTorch plans every activation buffer for the longest call, so this bounds
